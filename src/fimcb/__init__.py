@@ -1,0 +1,49 @@
+"""fimcb: Fisher-information-metric gradient norms of generative models, as novelty scores.
+
+The library (engine, metrics, detectors, evaluation, tracking) works on any ``nn.Module`` with
+``log_likelihood(x) -> Tensor[B]``; ``FIMNormCallback`` and the models and datamodules are the
+Lightning layer on top and are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fimcb.detectors import DETECTORS, Detector, build_detector
+from fimcb.engine import LayerNorms, per_sample_layer_norms
+from fimcb.evaluation import OODResult, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.metrics import Identity, Metric
+from fimcb.protocol import LikelihoodModel, ModelProtocolError
+from fimcb.scoring import layer_norms_over
+from fimcb.tracking import summarize
+
+__version__ = "0.1.0"
+
+_LAZY = {"FIMNormCallback": "fimcb.callback"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fimcb' has no attribute {name!r}")
+
+
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "FIMNormCallback",
+    "Identity",
+    "LayerNorms",
+    "LikelihoodModel",
+    "Metric",
+    "ModelProtocolError",
+    "OODResult",
+    "build_detector",
+    "evaluate_ood",
+    "layer_norms_over",
+    "ood_evaluation",
+    "ood_metrics",
+    "per_sample_layer_norms",
+    "summarize",
+]

@@ -1,0 +1,245 @@
+"""``FIMNormCallback``: Lightning glue that decides when and on which samples fimcb measures FIM-norms.
+
+The measuring itself lives in the engine, the summaries in ``tracking``, the detectors and
+metrics in ``evaluation``; this module only picks the moments (every N training steps, each
+validation epoch, the end of training) and the samples (fixed probe sets), and hands the
+results to the trainer's loggers and log directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.dataloader import default_collate
+
+from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
+from fimcb.evaluation import OODResult, ood_evaluation
+from fimcb.protocol import resolve_log_likelihood, unpack_batch
+from fimcb.tracking import DEFAULT_QUANTILES, summarize
+
+log = logging.getLogger("fimcb")
+
+
+class FIMNormCallback(Callback):
+    """Track per-sample FIM-norms during ``fit`` and evaluate OOD detection at the end of training.
+
+    Args:
+        every_n_train_steps: score the training probe set every this many optimizer steps
+            (and once before the first step); 0 disables training-probe tracking.
+        n_train_probe: size of the fixed probe set drawn from the training data.
+        n_val_probe: size of the fixed probe set drawn from the validation (or test) data,
+            scored at the end of each validation (test) epoch; 0 disables it.
+        quantiles: quantiles of the log norm to log per split.
+        log_per_layer: also log each parameter tensor's mean log squared norm.
+        group_size: score groups of this many consecutive samples (the paper's k).
+        evaluate_ood: at the end of training, fit the detectors on the validation split and
+            evaluate OOD detection of the test split against each OOD set.
+        methods: detectors to evaluate (default: ``fim_gaussian``, ``total_norm``,
+            ``likelihood``, ``typicality``).
+        max_eval_samples: cap on samples per set in the end-of-training evaluation.
+        ood_loaders: OOD sets by name; default: the datamodule's ``ood_dataloaders()``.
+        engine: gradient backend (``auto``, ``func``, ``loop``).
+        chunk_size: samples per vectorised call of the engine (default: sized from memory).
+        seed: seed of the probe selection (a private generator: training's RNG is untouched).
+        output_file: name of the metrics JSON written into the run's log directory.
+        progress: show a progress bar during the end-of-training scoring passes.
+    """
+
+    def __init__(
+        self,
+        every_n_train_steps: int = 200,
+        n_train_probe: int = 128,
+        n_val_probe: int = 256,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        log_per_layer: bool = False,
+        group_size: int = 1,
+        evaluate_ood: bool = True,
+        methods: list[str] | None = None,
+        max_eval_samples: int | None = 2000,
+        ood_loaders: Mapping[str, DataLoader] | None = None,
+        engine: Engine = "auto",
+        chunk_size: int | None = None,
+        seed: int = 0,
+        output_file: str = "ood_metrics.json",
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("every_n_train_steps", every_n_train_steps),
+            ("n_train_probe", n_train_probe),
+            ("n_val_probe", n_val_probe),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.every_n_train_steps = every_n_train_steps
+        self.n_train_probe = n_train_probe
+        self.n_val_probe = n_val_probe
+        self.quantiles = tuple(quantiles)
+        self.log_per_layer = log_per_layer
+        self.group_size = group_size
+        self.evaluate_ood = evaluate_ood
+        self.methods = methods
+        self.max_eval_samples = max_eval_samples
+        self.ood_loaders = dict(ood_loaders) if ood_loaders is not None else None
+        self.engine = engine
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self.output_file = output_file
+        self.progress = progress
+        self.probe_indices: dict[str, list[int]] = {}
+        self.last_tracked_step = -1
+        self.result: OODResult | None = None
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        resolve_log_likelihood(pl_module)  # fail before training starts, with what to add
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._maybe_track_train(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._maybe_track_train(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._track_eval_split(trainer, pl_module, "val", trainer.val_dataloaders)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._track_eval_split(trainer, pl_module, "test", trainer.test_dataloaders)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.evaluate_ood:
+            self._evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe_indices": self.probe_indices, "last_tracked_step": self.last_tracked_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.probe_indices = {k: list(v) for k, v in state_dict.get("probe_indices", {}).items()}
+        self.last_tracked_step = int(state_dict.get("last_tracked_step", -1))
+
+    # ---- tracking --------------------------------------------------------------------------
+
+    def _maybe_track_train(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not self.every_n_train_steps or not self.n_train_probe:
+            return
+        if step % self.every_n_train_steps or step == self.last_tracked_step:
+            return  # with gradient accumulation several batches end on the same step
+        self.last_tracked_step = step
+        x = self._probe(trainer, "train", trainer.train_dataloader, self.n_train_probe)
+        self._track(trainer, pl_module, "train_probe", x)
+
+    def _track_eval_split(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, loaders: Any
+    ) -> None:
+        if self.n_val_probe and loaders is not None:
+            self._track(trainer, pl_module, split, self._probe(trainer, split, loaders, self.n_val_probe))
+
+    def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> LayerNorms:
+        with _isolated_rng(pl_module.device):
+            norms = per_sample_layer_norms(
+                pl_module, x, group_size=self.group_size, engine=self.engine, chunk_size=self.chunk_size
+            )
+        metrics = summarize(norms.cpu(), f"fim/{prefix}", self.quantiles, self.log_per_layer)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        return norms
+
+    def _probe(self, trainer: L.Trainer, split: str, loaders: Any, n: int) -> Tensor:
+        """The fixed probe inputs of ``split``: the same samples at every event, and after a resume."""
+        loader = loaders[0] if isinstance(loaders, Sequence) else loaders
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"FIMNormCallback needs a DataLoader for the {split} split, got {type(loader).__name__}"
+            )
+        dataset: Dataset = loader.dataset
+        size = len(dataset)  # type: ignore[arg-type]
+        if split not in self.probe_indices:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.probe_indices[split] = torch.randperm(size, generator=generator)[:n].tolist()
+        indices = [i for i in self.probe_indices[split] if i < size]
+        if not indices:
+            raise ValueError(f"FIMNormCallback: the {split} dataset is empty: nothing to probe")
+        collate = loader.collate_fn or default_collate
+        x, _ = unpack_batch(collate([dataset[i] for i in indices]))
+        return x
+
+    # ---- end of training -------------------------------------------------------------------
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loaders = self._evaluation_loaders(trainer)
+        if loaders is None:
+            return
+        fit_loader, test_loader, ood_loaders = loaders
+        with _isolated_rng(pl_module.device):
+            result = ood_evaluation(
+                pl_module,
+                fit_loader,
+                test_loader,
+                ood_loaders,
+                methods=self.methods,
+                group_size=self.group_size,
+                engine=self.engine,
+                max_samples=self.max_eval_samples,
+                progress=self.progress and trainer.is_global_zero,
+            )
+        self.result = result
+        flat = {
+            f"ood/{ood}/{method}/{metric}": value
+            for ood, by_method in result.metrics.items()
+            for method, values in by_method.items()
+            for metric, value in values.items()
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=trainer.global_step)
+        if trainer.is_global_zero:
+            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            path = result.save(out_dir / self.output_file)
+            torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
+            rank_zero_info(
+                f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"
+                f"{result.table()}\nwritten to {path}"
+            )
+
+    def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
+        """Validation (fit), test (in-distribution) and OOD loaders, or ``None`` with a warning."""
+        datamodule = trainer.datamodule
+        ood = self.ood_loaders
+        if ood is None and hasattr(datamodule, "ood_dataloaders"):
+            ood = datamodule.ood_dataloaders()
+        fit = trainer.val_dataloaders
+        test = None
+        if datamodule is not None:
+            datamodule.setup("test")
+            test = datamodule.test_dataloader()
+            fit = fit if fit is not None else datamodule.val_dataloader()
+        missing = [name for name, value in (("validation", fit), ("test", test), ("OOD", ood)) if not value]
+        if missing:
+            rank_zero_warn(
+                f"FIMNormCallback: skipping the OOD evaluation, no {', '.join(missing)} data. Use a "
+                "datamodule with val_dataloader, test_dataloader and ood_dataloaders(), or pass "
+                "ood_loaders= to the callback."
+            )
+            return None
+        fit = fit[0] if isinstance(fit, Sequence) else fit
+        return fit, test, ood
+
+
+def _isolated_rng(device: torch.device) -> Any:
+    """Run scoring without advancing training's CPU or CUDA random streams."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])

@@ -1,0 +1,32 @@
+"""Novelty detectors over layer norms: fit on in-distribution data, score, save and restore."""
+
+from __future__ import annotations
+
+from fimcb.detectors.base import Detector, NotFittedError
+from fimcb.detectors.baselines import Likelihood, TotalNorm, Typicality
+from fimcb.detectors.gaussian import FIMGaussian
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (FIMGaussian, TotalNorm, Likelihood, Typicality)}
+DEFAULT_METHODS: tuple[str, ...] = ("fim_gaussian", "total_norm", "likelihood", "typicality")
+
+
+def build_detector(method: str | Detector) -> Detector:
+    """A fresh detector by registered name, or the given instance."""
+    if isinstance(method, Detector):
+        return method
+    if method not in DETECTORS:
+        raise ValueError(f"unknown detector {method!r}; choose from {sorted(DETECTORS)}")
+    return DETECTORS[method]()
+
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "DETECTORS",
+    "Detector",
+    "FIMGaussian",
+    "Likelihood",
+    "NotFittedError",
+    "TotalNorm",
+    "Typicality",
+    "build_detector",
+]

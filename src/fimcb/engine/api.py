@@ -1,0 +1,147 @@
+"""``per_sample_layer_norms``: one entry point in front of interchangeable gradient backends."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from fimcb.engine.func import func_layer_norms
+from fimcb.engine.loop import loop_layer_norms
+from fimcb.engine.types import LayerNorms
+from fimcb.metrics import Metric, resolve_metric
+from fimcb.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
+
+log = logging.getLogger("fimcb")
+
+Engine = Literal["auto", "func", "loop"]
+Backend = Callable[..., tuple[Tensor, Tensor]]
+BACKENDS: dict[str, Backend] = {"func": func_layer_norms, "loop": loop_layer_norms}
+
+# Memory the func backend may give to per-sample gradients at once (floats: grads + workspace).
+DEFAULT_MEMORY_BUDGET = 1 << 30
+MAX_CHUNK = 128
+
+# Models on which ``torch.func`` failed once: "auto" goes straight to the loop for them.
+_FUNC_UNSUPPORTED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Enable autograd even inside ``torch.no_grad``/``inference_mode`` (validation and test loops)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that require grad, by name; shared parameters appear once, as in ``named_parameters``."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ModelProtocolError(
+            f"{type(model).__name__} has no parameter that requires grad: nothing to score"
+        )
+    return params
+
+
+def default_chunk_size(params: dict[str, nn.Parameter]) -> int:
+    """Groups per vmap call such that per-group gradients stay within ``DEFAULT_MEMORY_BUDGET``."""
+    n_floats = sum(p.numel() for p in params.values())
+    per_group = 4 * n_floats * next(iter(params.values())).element_size()
+    return max(1, min(MAX_CHUNK, DEFAULT_MEMORY_BUDGET // per_group))
+
+
+def per_sample_layer_norms(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    metric: Metric | str | None = None,
+    log_likelihood: LogLikelihoodFn | None = None,
+    group_size: int = 1,
+    engine: Engine = "auto",
+    chunk_size: int | None = None,
+) -> LayerNorms:
+    """Squared norms of per-sample log-likelihood gradients, one column per parameter tensor.
+
+    Args:
+        model: any ``nn.Module`` with ``log_likelihood(x) -> [B]`` (or pass ``log_likelihood``).
+        x: a batch ``[B, ...]``; it is moved to the model's device.
+        metric: the Fisher approximation turning gradients into norms (default: identity).
+        log_likelihood: overrides ``model.log_likelihood``; must compute through ``model``.
+        group_size: k; row g is the gradient of the summed log-likelihood of samples
+            ``g*k .. g*k+k-1``. A remainder of ``B % k`` samples is dropped with a warning.
+        engine: ``"func"`` (``torch.func`` vmap), ``"loop"`` (one backward per group) or
+            ``"auto"`` (``func``, falling back to ``loop`` for models vmap cannot handle).
+        chunk_size: groups per vmap call (default: sized from the parameter count).
+
+    Runs the model in eval mode (restored afterwards), never writes ``.grad`` and works
+    inside ``torch.no_grad``/``inference_mode``.
+    """
+    if engine not in get_args(Engine):
+        raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
+    if not isinstance(x, Tensor) or x.ndim < 1:
+        raise ValueError(f"x must be a batched tensor [B, ...], got {type(x).__name__}")
+    if group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size}")
+    n_groups = x.shape[0] // group_size
+    if n_groups == 0:
+        raise ValueError(f"a batch of {x.shape[0]} samples holds no group of {group_size}")
+    if x.shape[0] % group_size:
+        warnings.warn(
+            f"dropping the last {x.shape[0] % group_size} samples: batch {x.shape[0]} is not a multiple "
+            f"of group_size {group_size}",
+            stacklevel=2,
+        )
+    ll_fn = resolve_log_likelihood(model, log_likelihood)
+    metric = resolve_metric(metric)
+    params = trainable_parameters(model)
+    chunk = chunk_size or default_chunk_size(params)
+    device = next(iter(params.values())).device
+    with eval_mode(model), grad_enabled():
+        xs = x.clone() if x.is_inference() else x
+        groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
+        values, ll = _run(engine, model, ll_fn, params, groups, metric, chunk)
+    return LayerNorms(values=values.detach(), names=tuple(params), log_likelihood=ll.detach())
+
+
+def _run(
+    engine: Engine,
+    model: nn.Module,
+    ll_fn: LogLikelihoodFn,
+    params: dict[str, nn.Parameter],
+    groups: Tensor,
+    metric: Metric,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
+    if engine != "auto":
+        return BACKENDS[engine](model, ll_fn, params, groups, metric, chunk)
+    if model not in _FUNC_UNSUPPORTED:
+        try:
+            return func_layer_norms(model, ll_fn, params, groups, metric, chunk)
+        except ModelProtocolError:
+            raise
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+            _FUNC_UNSUPPORTED[model] = f"{type(err).__name__}: {err}"
+            log.warning(
+                "fimcb: torch.func cannot differentiate %s per sample (%s); using the per-sample loop",
+                type(model).__name__,
+                str(err).splitlines()[0][:200],
+            )
+    return loop_layer_norms(model, ll_fn, params, groups, metric, chunk)

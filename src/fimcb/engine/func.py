@@ -1,0 +1,52 @@
+"""``torch.func`` backend: ``vmap(grad)`` over groups of samples, in chunks that bound memory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from fimcb.metrics import Metric
+from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
+
+
+class _Bound(nn.Module):
+    """Makes ``log_likelihood`` the forward of a module that owns ``model``, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, log_likelihood: LogLikelihoodFn) -> None:
+        super().__init__()
+        self.model = model
+        self._log_likelihood = log_likelihood
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._log_likelihood(x)
+
+
+def func_layer_norms(
+    model: nn.Module,
+    log_likelihood: LogLikelihoodFn,
+    params: dict[str, nn.Parameter],
+    groups: Tensor,
+    metric: Metric,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-group squared norms ``[G, L]`` and summed log-likelihoods ``[G]`` for ``groups`` ``[G, k, ...]``.
+
+    Each group's gradient is taken with respect to detached copies of the parameters, so the
+    model's own ``.grad`` fields are never touched.
+    """
+    bound = _Bound(model, log_likelihood)
+    detached = {f"model.{name}": p.detach() for name, p in params.items()}
+
+    def group_log_likelihood(p: dict[str, Tensor], xg: Tensor) -> tuple[Tensor, Tensor]:
+        ll = check_log_likelihood_output(functional_call(bound, p, (xg,)), xg.shape[0])
+        total = ll.sum()
+        return total, total
+
+    per_group = vmap(grad(group_log_likelihood, has_aux=True), in_dims=(None, 0))
+    rows, lls = [], []
+    for start in range(0, groups.shape[0], chunk_size):
+        grads, ll = per_group(detached, groups[start : start + chunk_size])
+        rows.append(torch.stack([metric.squared_norms(n, grads[f"model.{n}"]) for n in params], dim=1))
+        lls.append(ll.detach())
+    return torch.cat(rows), torch.cat(lls)

@@ -1,0 +1,193 @@
+"""OOD evaluation: fit detectors on held-out in-distribution data, score test and OOD sets, compute metrics.
+
+Conventions (METHOD.md §6): OOD is the positive class and every score is oriented so that higher
+means more novel. Scores are mapped monotonically into [0, 1] over the whole evaluated set
+before they reach torchmetrics, which would otherwise pass unbounded scores through a sigmoid
+decided batch by batch (saturating large scores and ruining the ranking).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
+
+from fimcb.detectors import DEFAULT_METHODS, Detector, build_detector
+from fimcb.engine import Engine, LayerNorms
+from fimcb.metrics import Metric
+from fimcb.protocol import LogLikelihoodFn, unpack_batch
+from fimcb.scoring import layer_norms_over
+
+METRIC_NAMES: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
+Metrics = dict[str, dict[str, dict[str, float]]]
+
+
+def to_unit_interval(scores: Tensor) -> Tensor:
+    """Map scores monotonically onto [0, 1] by dense rank, keeping ties; NaN counts as most novel."""
+    scores = torch.nan_to_num(scores.double(), nan=float("inf"))
+    _, rank = torch.unique(scores, sorted=True, return_inverse=True)
+    top = rank.max().clamp_min(1)
+    return rank.double() / top
+
+
+def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
+    """AUROC, AUPR-In, AUPR-Out and FPR@95 for in-distribution vs OOD scores (higher = more novel).
+
+    FPR@95 is the fraction of OOD samples accepted at the threshold that accepts 95% of
+    in-distribution samples.
+    """
+    if len(scores_in) == 0 or len(scores_out) == 0:
+        raise ValueError("need at least one in-distribution and one OOD score")
+    preds = to_unit_interval(torch.cat([scores_in, scores_out]))
+    is_ood = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))]).long()
+    fpr, tpr, _ = binary_roc(1 - preds, 1 - is_ood)  # in-distribution as positive: tpr = ID accepted
+    return {
+        "auroc": float(binary_auroc(preds, is_ood)),
+        "aupr_in": float(binary_average_precision(1 - preds, 1 - is_ood)),
+        "aupr_out": float(binary_average_precision(preds, is_ood)),
+        "fpr95": float(fpr[tpr >= 0.95].min()),
+    }
+
+
+@dataclass
+class OODResult:
+    """Everything an OOD evaluation produced: metrics, per-sample scores, fitted detectors, layer norms."""
+
+    metrics: Metrics
+    scores: dict[str, dict[str, Tensor]]
+    detectors: dict[str, Detector]
+    norms: dict[str, LayerNorms] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The metrics as a fixed-width text table, one row per (OOD set, method)."""
+        return format_table(self.metrics)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the metrics as JSON (``[ood][method][metric]``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.metrics, indent=2, sort_keys=False))
+        return path
+
+
+def format_table(metrics: Metrics) -> str:
+    header = f"{'OOD set':<18}{'method':<16}" + "".join(f"{m:>10}" for m in METRIC_NAMES)
+    lines = [header, "-" * len(header)]
+    for ood, by_method in metrics.items():
+        for method, values in by_method.items():
+            lines.append(f"{ood:<18}{method:<16}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
+    return "\n".join(lines)
+
+
+def fit_and_score(
+    fit: LayerNorms,
+    test: LayerNorms,
+    ood: Mapping[str, LayerNorms],
+    methods: Sequence[str | Detector] = DEFAULT_METHODS,
+) -> OODResult:
+    """Fit each detector on ``fit``, score ``test`` and every OOD set, and compute the metrics."""
+    detectors = {d.name: d for d in (build_detector(m) for m in methods)}
+    scores: dict[str, dict[str, Tensor]] = {"test": {}}
+    for name, detector in detectors.items():
+        detector.fit(fit)
+        scores["test"][name] = detector.score(test)
+    metrics: Metrics = {}
+    for ood_name, norms in ood.items():
+        scores[ood_name] = {name: d.score(norms) for name, d in detectors.items()}
+        metrics[ood_name] = {
+            name: ood_metrics(scores["test"][name], scores[ood_name][name]) for name in detectors
+        }
+    return OODResult(metrics, scores, detectors, {"fit": fit, "test": test, **ood})
+
+
+def ood_evaluation(
+    model: nn.Module,
+    fit_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    ood_loaders: Mapping[str, Iterable[Any]],
+    *,
+    methods: Sequence[str | Detector] | None = None,
+    group_size: int = 1,
+    engine: Engine = "auto",
+    metric: Metric | str | None = None,
+    log_likelihood: LogLikelihoodFn | None = None,
+    max_samples: int | None = None,
+    progress: bool = False,
+) -> OODResult:
+    """Like :func:`evaluate_ood`, returning scores, fitted detectors and layer norms beside the metrics."""
+    if not ood_loaders:
+        raise ValueError("no OOD sets given: pass ood_loaders as a mapping name -> DataLoader")
+    input_shape = _first_sample_shape(fit_loader, "fit_loader")
+    options = dict(
+        group_size=group_size,
+        max_samples=max_samples,
+        input_shape=input_shape,
+        engine=engine,
+        metric=metric,
+        log_likelihood=log_likelihood,
+        progress=progress,
+    )
+    fit = layer_norms_over(model, fit_loader, name="fit", **options)
+    test = layer_norms_over(model, test_loader, name="test", **options)
+    ood: dict[str, LayerNorms] = {}
+    for name, loader in ood_loaders.items():
+        try:
+            ood[name] = layer_norms_over(model, loader, name=name, **options)
+        except ValueError as err:
+            if "yielded" not in str(err):
+                raise
+            warnings.warn(f"skipping OOD set {err}", stacklevel=2)
+    if not ood:
+        raise ValueError("every OOD loader was empty: nothing to evaluate")
+    return fit_and_score(fit, test, ood, methods or DEFAULT_METHODS)
+
+
+def evaluate_ood(
+    model: nn.Module,
+    fit_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    ood_loaders: Mapping[str, Iterable[Any]],
+    *,
+    methods: Sequence[str | Detector] | None = None,
+    group_size: int = 1,
+    engine: Engine = "auto",
+    metric: Metric | str | None = None,
+    log_likelihood: LogLikelihoodFn | None = None,
+    max_samples: int | None = None,
+    progress: bool = False,
+) -> Metrics:
+    """OOD-detection metrics ``[ood_name][method][metric]`` for a model with a log-likelihood.
+
+    Detectors (``methods``, default: the paper's ``fim_gaussian`` and the ``total_norm``,
+    ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out
+    in-distribution data), then ``test_loader`` (in-distribution) is compared with each OOD set.
+    Metrics: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, OOD = positive class.
+    ``max_samples`` caps every set; ``group_size`` scores groups of consecutive samples.
+    """
+    return ood_evaluation(
+        model,
+        fit_loader,
+        test_loader,
+        ood_loaders,
+        methods=methods,
+        group_size=group_size,
+        engine=engine,
+        metric=metric,
+        log_likelihood=log_likelihood,
+        max_samples=max_samples,
+        progress=progress,
+    ).metrics
+
+
+def _first_sample_shape(loader: Iterable[Any], name: str) -> tuple[int, ...]:
+    for batch in loader:
+        x, _ = unpack_batch(batch)
+        return tuple(x.shape[1:])
+    raise ValueError(f"{name} yielded no samples: the detectors need held-out in-distribution data to fit")

@@ -1,0 +1,231 @@
+"""FIMNormCallback in real Lightning runs: what it logs and writes, and that it never disturbs training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
+from fimcb.data import ImageDataModule
+from fimcb.detectors import DEFAULT_METHODS, build_detector
+from fimcb.models import Glow
+
+OOD = ["sample_patches", "vflip", "noise"]
+
+
+def _datamodule(**kwargs) -> ImageDataModule:
+    options = dict(dataset="digits", ood=OOD, val_size=64, train_size=256, test_size=64, batch_size=32)
+    return ImageDataModule(**{**options, **kwargs})
+
+
+def _model() -> Glow:
+    return Glow(
+        image_shape=(1, 8, 8),
+        num_levels=17,
+        n_levels=2,
+        n_steps=2,
+        hidden_channels=8,
+        n_samples=4,
+        warmup_steps=1,
+        lr=2e-3,
+    )
+
+
+def _callback(**kwargs) -> FIMNormCallback:
+    options = dict(
+        every_n_train_steps=4, n_train_probe=12, n_val_probe=10, max_eval_samples=48, progress=False
+    )
+    return FIMNormCallback(**{**options, **kwargs})
+
+
+def _trainer(tmp_path: Path, callbacks: list, max_steps: int = 10, **kwargs) -> L.Trainer:
+    options = dict(
+        max_steps=max_steps,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=1,
+    )
+    return L.Trainer(**{**options, **kwargs})
+
+
+def _rows(trainer: L.Trainer) -> list[dict[str, str]]:
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _steps_with(rows: list[dict[str, str]], key: str) -> list[int]:
+    return [int(r["step"]) for r in rows if r.get(key)]
+
+
+def test_fit_tracks_probes_and_writes_the_ood_evaluation(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model, dm, callback = _model(), _datamodule(), _callback()
+    trainer = _trainer(tmp_path, [callback], max_steps=12)
+    trainer.fit(model, dm)
+    rows = _rows(trainer)
+    assert _steps_with(rows, "fim/train_probe/log_norm_mean") == [0, 4, 8, 12]
+    assert _steps_with(rows, "fim/val/log_norm_mean") == [5, 10]  # nothing during the sanity check
+    for q in ("q05", "q25", "q50", "q75", "q95"):
+        assert _steps_with(rows, f"fim/train_probe/log_norm_{q}") == [0, 4, 8, 12]
+
+    # The last training-probe summary equals an independent recomputation on the final model.
+    probe = torch.stack([dm.train_dataloader().dataset[i][0] for i in callback.probe_indices["train"]])
+    norms = per_sample_layer_norms(model, probe, engine="loop")
+    last = next(r for r in reversed(rows) if r.get("fim/train_probe/log_norm_mean"))
+    assert float(last["fim/train_probe/log_norm_mean"]) == pytest.approx(
+        float(norms.total.log().mean()), rel=1e-5
+    )
+    assert len(callback.probe_indices["train"]) == 12
+
+    metrics = json.loads((Path(trainer.log_dir) / "ood_metrics.json").read_text())
+    assert list(metrics) == OOD
+    for ood in OOD:
+        assert list(metrics[ood]) == list(DEFAULT_METHODS)
+        for values in metrics[ood].values():
+            assert set(values) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
+            assert all(0.0 <= v <= 1.0 for v in values.values())
+    logged = {k: float(v) for r in rows for k, v in r.items() if k.startswith("ood/") and v}
+    assert logged["ood/noise/fim_gaussian/auroc"] == pytest.approx(metrics["noise"]["fim_gaussian"]["auroc"])
+    assert len(logged) == len(OOD) * len(DEFAULT_METHODS) * 4
+
+    states = torch.load(Path(trainer.log_dir) / "fim_detectors.pt")
+    restored = build_detector("fim_gaussian")
+    restored.load_state_dict(states["fim_gaussian"])
+    test_norms = callback.result.norms["test"]
+    torch.testing.assert_close(restored.score(test_norms), callback.result.scores["test"]["fim_gaussian"])
+    assert (Path(trainer.log_dir) / "images").is_dir()
+
+
+def _final_state(tmp_path: Path, with_callback: bool, **trainer_kwargs) -> tuple[dict, list]:
+    L.seed_everything(123)
+    model, dm = _model(), _datamodule()
+    callbacks = [_callback(every_n_train_steps=2)] if with_callback else []
+    trainer = _trainer(tmp_path / str(with_callback), callbacks, max_steps=8, **trainer_kwargs)
+    trainer.fit(model, dm)
+    losses = [r["train/nll_step"] for r in _rows(trainer) if r.get("train/nll_step")]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state.update({f"opt/{i}": v for i, v in enumerate(_optimizer_tensors(trainer))})
+    return state, losses
+
+
+def _optimizer_tensors(trainer: L.Trainer) -> list[torch.Tensor]:
+    opt_state = trainer.optimizers[0].state_dict()["state"]
+    return [t.clone() for s in opt_state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path: Path, accumulate: int) -> None:
+    without, losses_without = _final_state(
+        tmp_path, False, accumulate_grad_batches=accumulate, log_every_n_steps=1
+    )
+    with_cb, losses_with = _final_state(
+        tmp_path, True, accumulate_grad_batches=accumulate, log_every_n_steps=1
+    )
+    assert losses_with == losses_without and len(losses_with) > 0
+    assert without.keys() == with_cb.keys()
+    for key in without:
+        assert torch.equal(without[key], with_cb[key]), key
+
+
+def test_validate_and_test_run_in_inference_mode(tmp_path: Path) -> None:
+    model, dm, callback = _model(), _datamodule(), _callback()
+    trainer = _trainer(tmp_path, [callback])
+    assert trainer.validate_loop.inference_mode and trainer.test_loop.inference_mode  # the defaults
+    trainer.validate(model, dm)
+    trainer.test(model, dm)
+    rows = _rows(trainer)
+    assert _steps_with(rows, "fim/val/log_norm_mean") == [0]
+    assert _steps_with(rows, "fim/test/log_norm_mean") == [0]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_resume_continues_without_duplicate_events(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    first_cb = _callback(evaluate_ood=False)
+    trainer = _trainer(tmp_path, [first_cb], max_steps=8)
+    model, dm = _model(), _datamodule()
+    trainer.fit(model, dm)
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    resumed_cb = _callback(evaluate_ood=False, seed=999)  # a new seed must not change the probe set
+    resumed = _trainer(tmp_path, [resumed_cb], max_steps=16)
+    resumed.fit(_model(), _datamodule(), ckpt_path=ckpt)
+    assert resumed_cb.probe_indices == first_cb.probe_indices
+    assert _steps_with(_rows(trainer), "fim/train_probe/log_norm_mean") == [0, 4, 8]
+    assert _steps_with(_rows(resumed), "fim/train_probe/log_norm_mean") == [12, 16]
+
+
+def test_model_without_log_likelihood_fails_before_training(tmp_path: Path) -> None:
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(64, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0].flatten(1)).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = _trainer(tmp_path, [_callback()], max_steps=2)
+    with pytest.raises(ModelProtocolError, match="has no method `log_likelihood"):
+        trainer.fit(Plain(), _datamodule())
+
+
+def test_ood_loaders_given_to_the_callback_and_groups(tmp_path: Path) -> None:
+    dm = _datamodule()
+    callback = _callback(
+        ood_loaders={"flipped": dm.ood_dataloaders()["vflip"]},
+        group_size=4,
+        methods=["fim_gaussian", "typicality"],
+    )
+    trainer = _trainer(tmp_path, [callback], max_steps=4)
+    trainer.fit(_model(), dm)
+    metrics = json.loads((Path(trainer.log_dir) / "ood_metrics.json").read_text())
+    assert list(metrics) == ["flipped"] and list(metrics["flipped"]) == ["fim_gaussian", "typicality"]
+    assert len(callback.result.norms["test"]) == 48 // 4
+    assert math.isfinite(metrics["flipped"]["fim_gaussian"]["auroc"])
+
+
+def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+    from wandb_records import history_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(project="fimcb-test", save_dir=str(tmp_path), offline=True)
+    callback = _callback()
+    trainer = _trainer(tmp_path, [callback], max_steps=8, logger=logger)
+    trainer.fit(_model(), _datamodule())
+    wandb.finish()
+    (run_dir,) = tmp_path.glob("wandb/offline-run-*")
+    rows = history_rows(run_dir)
+
+    def steps(key: str) -> list[int]:
+        return [r["trainer/global_step"] for r in rows if key in r]
+
+    assert steps("fim/train_probe/log_norm_mean") == [0, 4, 8]
+    assert steps("fim/val/log_norm_q50") == [5]
+    assert steps("ood/noise/fim_gaussian/auroc") == [8]
+    final = next(r for r in rows if "ood/vflip/typicality/fpr95" in r)
+    assert final["ood/vflip/typicality/fpr95"] == pytest.approx(
+        callback.result.metrics["vflip"]["typicality"]["fpr95"]
+    )
+    assert all(len([k for k in r if k.startswith("ood/")]) in (0, 3 * 4 * 4) for r in rows)
+    images = [r for r in rows if "samples/_type" in r]  # nested keys come back joined by "/"
+    assert images and images[0]["samples/_type"] == "images/separated"
+    assert list(run_dir.glob("files/media/images/samples_*.png"))

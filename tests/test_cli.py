@@ -1,0 +1,97 @@
+"""train.py's CLI end to end: the default config and the Fashion-MNIST config, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fimcb.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY = [
+    "--model.init_args.n_steps",
+    "1",
+    "--model.init_args.hidden_channels",
+    "8",
+    "--model.init_args.n_samples",
+    "4",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_checkpointing",
+    "false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+
+
+def _run(tmp_path: Path, config: str, *extra: str):
+    return main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            *TINY,
+            *extra,
+        ]
+    )
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "ood_metrics.json").read_text())
+
+
+def test_default_config_end_to_end(tmp_path: Path) -> None:
+    cli = _run(
+        tmp_path,
+        "default.yaml",
+        "--trainer.max_steps",
+        "6",
+        "--data.init_args.train_size",
+        "128",
+        "--data.init_args.val_size",
+        "32",
+        "--data.init_args.test_size",
+        "32",
+    )
+    assert cli.model.image_shape == (1, 8, 8) and cli.model.num_levels == 17  # linked from the datamodule
+    run_dir = Path(cli.trainer.log_dir)
+    metrics = _metrics(run_dir)
+    assert list(metrics) == ["sample_patches", "vflip", "noise"]
+    assert set(metrics["noise"]) == {"fim_gaussian", "total_norm", "likelihood", "typicality"}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["trainer"]["callbacks"][0]["class_path"] == "fimcb.FIMNormCallback"
+    assert "fim/train_probe/log_norm_mean" in (run_dir / "metrics.csv").read_text()
+
+
+def test_fashionmnist_config_on_real_data(tmp_path: Path, data_root: Path) -> None:
+    cli = _run(
+        tmp_path,
+        "glow_fashionmnist.yaml",
+        "--trainer.max_steps",
+        "2",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.train_size",
+        "64",
+        "--data.init_args.val_size",
+        "48",
+        "--data.init_args.test_size",
+        "48",
+        "--trainer.limit_val_batches",
+        "1",
+    )
+    assert cli.model.image_shape == (1, 28, 28) and cli.model.num_levels == 256
+    metrics = _metrics(Path(cli.trainer.log_dir))
+    assert list(metrics) == ["mnist", "vflip", "noise"]
+    assert all(0 <= v <= 1 for m in metrics["mnist"].values() for v in m.values())

@@ -1,0 +1,180 @@
+"""The gradient engine against a naive per-sample ``backward()`` loop, and its guarantees."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from toy_models import (
+    ControlFlowModel,
+    ConvEnergy,
+    LinearFlow,
+    MLPEnergy,
+    NoLikelihood,
+    TiedModel,
+    TokenBigram,
+    naive_layer_norms,
+)
+
+from fimcb import ModelProtocolError, per_sample_layer_norms
+from fimcb.metrics import Identity
+
+ENGINES = ["func", "loop", "auto"]
+
+
+def _cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
+    torch.manual_seed(1)
+    return [
+        ("linear_flow", LinearFlow(6), torch.randn(9, 6)),
+        ("conv", ConvEnergy(2), torch.randn(9, 2, 6, 6)),
+        ("tokens", TokenBigram(7, 5), torch.randint(0, 7, (9, 9))),
+        ("tied", TiedModel(6), torch.randn(9, 6)),
+    ]
+
+
+def _assert_matches_naive(model, x, engine, group_size=1, chunk_size=None):
+    norms = per_sample_layer_norms(model, x, engine=engine, group_size=group_size, chunk_size=chunk_size)
+    ref, ref_ll = naive_layer_norms(model, x, group_size)
+    assert norms.values.shape == ref.shape
+    torch.testing.assert_close(norms.values, ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(norms.log_likelihood, ref_ll, rtol=1e-5, atol=1e-5)
+    return norms
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_engines_equal_naive_loop(case: int, engine: str, group_size: int) -> None:
+    _, model, x = _cases()[case]
+    _assert_matches_naive(model, x, engine, group_size)
+
+
+def test_names_follow_named_parameters_and_skip_frozen_and_shared() -> None:
+    model = TiedModel(4)
+    norms = per_sample_layer_norms(model, torch.randn(3, 4))
+    assert norms.names == ("first.weight", "first.bias", "second.bias")
+    assert norms.values.shape == (3, 3)
+
+
+def test_chunking_does_not_change_results() -> None:
+    model, x = LinearFlow(5), torch.randn(11, 5)
+    full = per_sample_layer_norms(model, x, engine="func", chunk_size=64)
+    chunked = per_sample_layer_norms(model, x, engine="func", chunk_size=3)
+    torch.testing.assert_close(full.values, chunked.values)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    dim=st.integers(1, 6),
+    widths=st.lists(st.integers(1, 7), min_size=0, max_size=3),
+    activation=st.sampled_from(["tanh", "relu", "gelu"]),
+    bias=st.booleans(),
+    n_groups=st.integers(1, 4),
+    group_size=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_random_architectures_match_naive_loop(
+    dim, widths, activation, bias, n_groups, group_size, seed
+) -> None:
+    torch.manual_seed(seed)
+    model = MLPEnergy(dim, widths, activation, bias)
+    x = torch.randn(n_groups * group_size, dim)
+    for engine in ("func", "loop"):
+        _assert_matches_naive(model, x, engine, group_size)
+
+
+def test_auto_falls_back_to_loop_when_vmap_fails(caplog: pytest.LogCaptureFixture) -> None:
+    model, x = ControlFlowModel(4), torch.randn(5, 4)
+    with caplog.at_level(logging.WARNING, logger="fimcb"):
+        _assert_matches_naive(model, x, "auto")
+    assert "using the per-sample loop" in caplog.text
+    with pytest.raises(RuntimeError):
+        per_sample_layer_norms(model, x, engine="func")
+
+
+def test_never_touches_grad_mode_or_rng() -> None:
+    model = ConvEnergy(1)
+    model.train()
+    model.norm.eval()  # a mixed state must come back exactly
+    flags = [m.training for m in model.modules()]
+    x = torch.randn(4, 1, 6, 6)
+    state = torch.get_rng_state()
+    per_sample_layer_norms(model, x, engine="func")
+    per_sample_layer_norms(model, x, engine="loop")
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_inside_gradient_free_contexts(context) -> None:
+    model, x = LinearFlow(4), torch.randn(6, 4)
+    expected = per_sample_layer_norms(model, x).values
+    with context():
+        inside = per_sample_layer_norms(model, x.clone())
+    torch.testing.assert_close(inside.values, expected)
+
+
+def test_metric_hook_is_applied() -> None:
+    class Halved(Identity):
+        def squared_norms(self, name, grads):
+            return 0.5 * super().squared_norms(name, grads)
+
+    model, x = LinearFlow(4), torch.randn(3, 4)
+    torch.testing.assert_close(
+        per_sample_layer_norms(model, x, metric=Halved()).values,
+        0.5 * per_sample_layer_norms(model, x).values,
+    )
+
+
+def test_log_likelihood_override_reaches_parameters() -> None:
+    model = NoLikelihood()
+    x = torch.randn(4, 3)
+    norms = per_sample_layer_norms(model, x, log_likelihood=lambda b: -model(b).pow(2).sum(1))
+    ref = [
+        torch.autograd.grad(-model(x[i : i + 1]).pow(2).sum(), model.linear.weight)[0].pow(2).sum()
+        for i in range(4)
+    ]
+    torch.testing.assert_close(norms.values[:, 0], torch.stack(ref))
+
+
+def test_clear_errors() -> None:
+    with pytest.raises(ModelProtocolError, match="log_likelihood"):
+        per_sample_layer_norms(NoLikelihood(), torch.randn(2, 3))
+    model = LinearFlow(3)
+    for engine in ("func", "loop"):
+        with pytest.raises(ModelProtocolError, match=r"one value per sample"):
+            per_sample_layer_norms(
+                model,
+                torch.randn(2, 3),
+                log_likelihood=lambda b: model.log_likelihood(b).sum(),
+                engine=engine,
+            )
+    with pytest.raises(ModelProtocolError, match=r"one value per sample"):
+        per_sample_layer_norms(
+            model, torch.randn(2, 3), log_likelihood=lambda b: model.log_likelihood(b).sum()
+        )
+    with pytest.raises(ValueError, match="no group of 3"):
+        per_sample_layer_norms(model, torch.randn(2, 3), group_size=3)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        per_sample_layer_norms(model, torch.randn(2, 3), engine="fast")  # type: ignore[arg-type]
+    frozen = LinearFlow(3).requires_grad_(False)
+    with pytest.raises(ModelProtocolError, match="requires grad"):
+        per_sample_layer_norms(frozen, torch.randn(2, 3))
+
+
+def test_remainder_of_groups_is_dropped_with_warning() -> None:
+    with pytest.warns(UserWarning, match="dropping the last 1"):
+        norms = per_sample_layer_norms(LinearFlow(3), torch.randn(7, 3), group_size=2)
+    assert len(norms) == 3
+
+
+def test_nonfinite_samples_give_nonfinite_rows_not_errors() -> None:
+    model = LinearFlow(3)
+    x = torch.randn(4, 3)
+    x[2] = float("nan")
+    norms = per_sample_layer_norms(model, x)
+    assert norms.finite_rows().tolist() == [True, True, False, True]

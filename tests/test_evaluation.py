@@ -1,0 +1,186 @@
+"""OOD metrics against scikit-learn, detectors against scipy, and evaluate_ood end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.functional.classification import binary_auroc
+from toy_models import LinearFlow
+
+from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.detectors import DETECTORS, FIMGaussian, NotFittedError, Typicality, build_detector
+from fimcb.evaluation import to_unit_interval
+
+
+def _sklearn_metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
+    scores = np.concatenate([s_in, s_out])
+    is_ood = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
+    fpr, tpr, _ = roc_curve(1 - is_ood, -scores)
+    return {
+        "auroc": roc_auc_score(is_ood, scores),
+        "aupr_in": average_precision_score(1 - is_ood, -scores),
+        "aupr_out": average_precision_score(is_ood, scores),
+        "fpr95": float(fpr[tpr >= 0.95].min()),
+    }
+
+
+score_arrays = st.lists(
+    st.one_of(st.integers(-5, 5).map(float), st.floats(-1e8, 1e8, allow_nan=False)), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(s_in=score_arrays, s_out=score_arrays, scale=st.sampled_from([1e-3, 1.0, 1e4]))
+def test_metrics_equal_sklearn_including_ties_and_huge_scores(s_in, s_out, scale) -> None:
+    a, b = np.array(s_in) * scale, np.array(s_out) * scale
+    ours = ood_metrics(torch.tensor(a), torch.tensor(b))
+    ref = _sklearn_metrics(a, b)
+    for key in ref:
+        assert ours[key] == pytest.approx(ref[key], abs=1e-6), key  # torchmetrics returns float32
+
+
+def test_fpr95_matches_its_definition_on_distinct_scores() -> None:
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(0, 1, 400), rng.normal(1.5, 1, 300)
+    threshold = np.sort(s_in)[int(np.ceil(0.95 * len(s_in))) - 1]  # accepts exactly 95% of ID
+    expected = float(np.mean(s_out <= threshold))
+    assert ood_metrics(torch.tensor(s_in), torch.tensor(s_out))["fpr95"] == pytest.approx(expected)
+
+
+def test_unbounded_scores_avoid_the_sigmoid_trap() -> None:
+    s_in = torch.linspace(100.0, 200.0, 50)
+    s_out = torch.linspace(150.5, 250.5, 50)
+    raw = float(binary_auroc(torch.cat([s_in, s_out]), torch.cat([torch.zeros(50), torch.ones(50)]).long()))
+    ours = ood_metrics(s_in, s_out)["auroc"]
+    assert ours == pytest.approx(roc_auc_score(np.r_[np.zeros(50), np.ones(50)], np.r_[s_in, s_out]))
+    assert raw != pytest.approx(ours)  # torchmetrics' sigmoid saturates every score to 1.0
+
+
+def test_unit_interval_is_monotone_and_sends_nan_to_top() -> None:
+    u = to_unit_interval(torch.tensor([3.0, -1.0, 3.0, float("nan"), float("-inf")]))
+    assert u.tolist() == [2 / 3, 1 / 3, 2 / 3, 1.0, 0.0]
+
+
+def _norms(n: int, n_layers: int = 4, seed: int = 0, shift: float = 0.0) -> LayerNorms:
+    g = torch.Generator().manual_seed(seed)
+    values = torch.exp(torch.randn(n, n_layers, generator=g) + shift)
+    return LayerNorms(values, tuple(f"l{i}" for i in range(n_layers)), torch.randn(n, generator=g) - shift)
+
+
+def test_fim_gaussian_equals_scipy_and_drops_constant_layers() -> None:
+    fit = _norms(50)
+    fit.values[:, 2] = 3.0  # zero spread: must be dropped
+    det = FIMGaussian().fit(fit)
+    assert det.kept_layers == ["l0", "l1", "l3"]
+    test = _norms(7, seed=1)
+    f_fit, f_test = fit.values.double().log().numpy(), test.values.double().log().numpy()
+    keep = [0, 1, 3]
+    mu, sd = f_fit[:, keep].mean(0), f_fit[:, keep].std(0, ddof=1)
+    expected = -stats.norm.logpdf(f_test[:, keep], mu, sd).sum(1)
+    np.testing.assert_allclose(det.score(test).numpy(), expected, rtol=1e-10)
+
+
+def test_typicality_and_likelihood_against_numpy() -> None:
+    fit, test = _norms(30), _norms(5, seed=3)
+    h = -fit.log_likelihood.double().numpy().mean()
+    np.testing.assert_allclose(
+        Typicality().fit(fit).score(test).numpy(), np.abs(-test.log_likelihood.double().numpy() - h)
+    )
+    np.testing.assert_allclose(
+        build_detector("likelihood").fit(fit).score(test).numpy(), -test.log_likelihood.double().numpy()
+    )
+    np.testing.assert_allclose(
+        build_detector("total_norm").fit(fit).score(test).numpy(), np.log(test.values.double().sum(1).numpy())
+    )
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_state_round_trip_through_a_file(name: str, tmp_path) -> None:
+    fit, test = _norms(40), _norms(9, seed=5, shift=1.0)
+    det = build_detector(name).fit(fit)
+    torch.save(det.state_dict(), tmp_path / "d.pt")
+    restored = build_detector(name)
+    restored.load_state_dict(torch.load(tmp_path / "d.pt"))
+    torch.testing.assert_close(restored.score(test), det.score(test))
+    with pytest.raises(NotFittedError):
+        build_detector(name).score(test)
+
+
+def test_nonfinite_rows_are_excluded_from_fit_and_scored_novel() -> None:
+    fit, test = _norms(30), _norms(4, seed=2)
+    fit.values[0, 1] = float("nan")
+    test.log_likelihood[2] = float("-inf")
+    with pytest.warns(UserWarning, match="1 of 30 fit rows"):
+        det = FIMGaussian().fit(fit)
+    clean = FIMGaussian().fit(fit[1:])
+    torch.testing.assert_close(det.state["mean"], clean.state["mean"])
+    scores = det.score(test)
+    assert torch.isinf(scores[2]) and torch.isfinite(scores[[0, 1, 3]]).all()
+
+
+def test_detector_refuses_other_layers_and_unknown_names() -> None:
+    det = FIMGaussian().fit(_norms(10))
+    with pytest.raises(ValueError, match="layers differ"):
+        det.score(_norms(3, n_layers=5))
+    with pytest.raises(ValueError, match="unknown detector"):
+        build_detector("mahalanobis_typo")
+    with pytest.raises(ValueError, match="cannot be loaded"):
+        Typicality().load_state_dict(det.state_dict())
+
+
+def _loader(x: torch.Tensor, batch_size: int = 16) -> DataLoader:
+    return DataLoader(TensorDataset(x, torch.zeros(len(x)), torch.arange(len(x))), batch_size=batch_size)
+
+
+def test_evaluate_ood_end_to_end_on_a_fitted_flow() -> None:
+    torch.manual_seed(0)
+    dim = 4
+    data = torch.randn(600, dim) * torch.tensor([1.0, 0.5, 2.0, 1.0]) + 1.0
+    model = LinearFlow(dim)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        (-model.log_likelihood(data[:400]).mean()).backward()
+        opt.step()
+    at_mode = data[:400].mean(0) + 0.01 * torch.randn(100, dim)  # too typical: higher likelihood than ID data
+    ood = {"shifted": _loader(data[500:600] + 6.0), "at_mode": _loader(at_mode)}
+    metrics = evaluate_ood(model, _loader(data[400:450]), _loader(data[450:500]), ood, group_size=1)
+    assert set(metrics) == {"shifted", "at_mode"}
+    assert set(metrics["shifted"]) == set(DETECTORS)
+    assert set(metrics["shifted"]["fim_gaussian"]) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
+    assert metrics["shifted"]["fim_gaussian"]["auroc"] > 0.95
+    assert metrics["shifted"]["likelihood"]["auroc"] > 0.95
+    assert metrics["at_mode"]["fim_gaussian"]["auroc"] > 0.9
+    assert metrics["at_mode"]["likelihood"]["auroc"] < 0.1  # the classic failure of the likelihood
+
+
+def test_ood_evaluation_groups_ids_and_errors() -> None:
+    model = LinearFlow(3)
+    x = torch.randn(40, 3)
+    result = ood_evaluation(
+        model,
+        _loader(x[:20], 6),
+        _loader(x[20:30], 7),
+        {"o": _loader(x[30:] + 3, 4)},
+        group_size=2,
+        methods=["typicality"],
+    )
+    assert len(result.norms["fit"]) == 10 and len(result.norms["test"]) == 5 and len(result.norms["o"]) == 5
+    assert result.norms["fit"].ids.tolist() == list(range(0, 20, 2))  # groups cross batch boundaries
+    assert "o" in result.table() and "typicality" in result.table()
+    empty = _loader(torch.empty(0, 3))
+    with pytest.warns(UserWarning, match="skipping OOD set"):
+        partial = ood_evaluation(
+            model, _loader(x[:20]), _loader(x[20:30]), {"o": _loader(x[30:]), "e": empty}
+        )
+    assert set(partial.metrics) == {"o"}
+    with pytest.raises(ValueError, match="fit_loader yielded no samples"):
+        evaluate_ood(model, empty, _loader(x), {"o": _loader(x)})
+    with pytest.raises(ValueError, match=r"shape \[4\] but the model takes \[3\]"):
+        evaluate_ood(model, _loader(x), _loader(x), {"wide": _loader(torch.randn(8, 4))})

@@ -1,0 +1,51 @@
+"""Read the history rows of an offline W&B run back from its ``.wandb`` file (no server needed).
+
+The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
+``crc32 (4) | length (2, little-endian) | type (1)`` followed by a chunk of a protobuf ``Record``
+(type 1 = whole record, 2/3/4 = first/middle/last chunk).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+_BLOCK = 32768
+_HEADER = 7
+
+
+def _records(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    pos, out, pending = _HEADER, [], b""
+    while pos + _HEADER <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER:  # block trailer too small for a header: skip to the next block
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind in (1, 2):
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+        if kind in (1, 4):
+            out.append(pending)
+    return out
+
+
+def history_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Each ``log`` call of the run as a dict of key -> decoded JSON value."""
+    (path,) = run_dir.glob("run-*.wandb")
+    rows = []
+    for raw in _records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
+    return rows
