@@ -21,6 +21,7 @@ from toy_models import (
 
 from fimcb import ModelProtocolError, per_sample_layer_norms
 from fimcb.metrics import Identity
+from fimcb.models import Glow
 
 ENGINES = ["func", "loop", "auto"]
 
@@ -32,6 +33,11 @@ def _cases() -> list[tuple[str, torch.nn.Module, torch.Tensor]]:
         ("conv", ConvEnergy(2), torch.randn(9, 2, 6, 6)),
         ("tokens", TokenBigram(7, 5), torch.randint(0, 7, (9, 9))),
         ("tied", TiedModel(6), torch.randn(9, 6)),
+        (
+            "glow",
+            Glow(image_shape=(1, 4, 4), num_levels=17, n_levels=2, n_steps=2, hidden_channels=4),
+            torch.randint(0, 17, (9, 1, 4, 4)) / 16,
+        ),
     ]
 
 
@@ -45,7 +51,7 @@ def _assert_matches_naive(model, x, engine, group_size=1, chunk_size=None):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _cases()])
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _cases()])
 @pytest.mark.parametrize("group_size", [1, 3])
 def test_engines_equal_naive_loop(case: int, engine: str, group_size: int) -> None:
     _, model, x = _cases()[case]

@@ -16,6 +16,7 @@ from toy_models import LinearFlow
 from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
 from fimcb.detectors import DETECTORS, FIMGaussian, NotFittedError, Typicality, build_detector
 from fimcb.evaluation import to_unit_interval
+from fimcb.scoring import ScoringOptions
 
 
 def _sklearn_metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
@@ -168,8 +169,8 @@ def test_ood_evaluation_groups_ids_and_errors() -> None:
         _loader(x[:20], 6),
         _loader(x[20:30], 7),
         {"o": _loader(x[30:] + 3, 4)},
-        group_size=2,
         methods=["typicality"],
+        options=ScoringOptions(group_size=2),
     )
     assert len(result.norms["fit"]) == 10 and len(result.norms["test"]) == 5 and len(result.norms["o"]) == 5
     assert result.norms["fit"].ids.tolist() == list(range(0, 20, 2))  # groups cross batch boundaries

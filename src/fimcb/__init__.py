@@ -15,7 +15,7 @@ from fimcb.engine import LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, evaluate_ood, ood_evaluation, ood_metrics
 from fimcb.metrics import Identity, Metric
 from fimcb.protocol import LikelihoodModel, ModelProtocolError
-from fimcb.scoring import layer_norms_over
+from fimcb.scoring import ScoringOptions, layer_norms_over
 from fimcb.tracking import summarize
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "Metric",
     "ModelProtocolError",
     "OODResult",
+    "ScoringOptions",
     "build_detector",
     "evaluate_ood",
     "layer_norms_over",

@@ -8,8 +8,8 @@ results to the trainer's loggers and log directory.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,8 @@ from torch.utils.data.dataloader import default_collate
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
+from fimcb.scoring import ScoringOptions
 from fimcb.tracking import DEFAULT_QUANTILES, summarize
-
-log = logging.getLogger("fimcb")
 
 
 class FIMNormCallback(Callback):
@@ -87,16 +86,18 @@ class FIMNormCallback(Callback):
         self.n_val_probe = n_val_probe
         self.quantiles = tuple(quantiles)
         self.log_per_layer = log_per_layer
-        self.group_size = group_size
         self.evaluate_ood = evaluate_ood
         self.methods = methods
-        self.max_eval_samples = max_eval_samples
         self.ood_loaders = dict(ood_loaders) if ood_loaders is not None else None
-        self.engine = engine
-        self.chunk_size = chunk_size
+        self.options = ScoringOptions(
+            group_size=group_size,
+            engine=engine,
+            chunk_size=chunk_size,
+            max_samples=max_eval_samples,
+            progress=progress,
+        )
         self.seed = seed
         self.output_file = output_file
-        self.progress = progress
         self.probe_indices: dict[str, list[int]] = {}
         self.last_tracked_step = -1
         self.result: OODResult | None = None
@@ -153,7 +154,11 @@ class FIMNormCallback(Callback):
     def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> LayerNorms:
         with _isolated_rng(pl_module.device):
             norms = per_sample_layer_norms(
-                pl_module, x, group_size=self.group_size, engine=self.engine, chunk_size=self.chunk_size
+                pl_module,
+                x,
+                group_size=self.options.group_size,
+                engine=self.options.engine,
+                chunk_size=self.options.chunk_size,
             )
         metrics = summarize(norms.cpu(), f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
@@ -193,10 +198,7 @@ class FIMNormCallback(Callback):
                 test_loader,
                 ood_loaders,
                 methods=self.methods,
-                group_size=self.group_size,
-                engine=self.engine,
-                max_samples=self.max_eval_samples,
-                progress=self.progress and trainer.is_global_zero,
+                options=replace(self.options, progress=self.options.progress and trainer.is_global_zero),
             )
         self.result = result
         flat = {

@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
 from fimcb.detectors import DEFAULT_METHODS, Detector, build_detector
-from fimcb.engine import Engine, LayerNorms
-from fimcb.metrics import Metric
-from fimcb.protocol import LogLikelihoodFn, unpack_batch
-from fimcb.scoring import layer_norms_over
+from fimcb.engine import LayerNorms
+from fimcb.protocol import unpack_batch
+from fimcb.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
 
 METRIC_NAMES: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
 Metrics = dict[str, dict[str, dict[str, float]]]
@@ -114,35 +113,25 @@ def ood_evaluation(
     ood_loaders: Mapping[str, Iterable[Any]],
     *,
     methods: Sequence[str | Detector] | None = None,
-    group_size: int = 1,
-    engine: Engine = "auto",
-    metric: Metric | str | None = None,
-    log_likelihood: LogLikelihoodFn | None = None,
-    max_samples: int | None = None,
-    progress: bool = False,
+    options: ScoringOptions = ScoringOptions(),
 ) -> OODResult:
-    """Like :func:`evaluate_ood`, returning scores, fitted detectors and layer norms beside the metrics."""
+    """Like :func:`evaluate_ood`, returning scores, fitted detectors and layer norms beside the metrics.
+
+    An empty OOD loader is skipped with a warning, so that the other sets are still evaluated.
+    """
     if not ood_loaders:
         raise ValueError("no OOD sets given: pass ood_loaders as a mapping name -> DataLoader")
     input_shape = _first_sample_shape(fit_loader, "fit_loader")
-    options = dict(
-        group_size=group_size,
-        max_samples=max_samples,
-        input_shape=input_shape,
-        engine=engine,
-        metric=metric,
-        log_likelihood=log_likelihood,
-        progress=progress,
-    )
-    fit = layer_norms_over(model, fit_loader, name="fit", **options)
-    test = layer_norms_over(model, test_loader, name="test", **options)
+
+    def norms_of(loader: Iterable[Any], name: str) -> LayerNorms:
+        return layer_norms_over(model, loader, options, name=name, input_shape=input_shape)
+
+    fit, test = norms_of(fit_loader, "fit"), norms_of(test_loader, "test")
     ood: dict[str, LayerNorms] = {}
     for name, loader in ood_loaders.items():
         try:
-            ood[name] = layer_norms_over(model, loader, name=name, **options)
-        except ValueError as err:
-            if "yielded" not in str(err):
-                raise
+            ood[name] = norms_of(loader, name)
+        except EmptyLoaderError as err:
             warnings.warn(f"skipping OOD set {err}", stacklevel=2)
     if not ood:
         raise ValueError("every OOD loader was empty: nothing to evaluate")
@@ -156,12 +145,7 @@ def evaluate_ood(
     ood_loaders: Mapping[str, Iterable[Any]],
     *,
     methods: Sequence[str | Detector] | None = None,
-    group_size: int = 1,
-    engine: Engine = "auto",
-    metric: Metric | str | None = None,
-    log_likelihood: LogLikelihoodFn | None = None,
-    max_samples: int | None = None,
-    progress: bool = False,
+    **options: Any,
 ) -> Metrics:
     """OOD-detection metrics ``[ood_name][method][metric]`` for a model with a log-likelihood.
 
@@ -169,20 +153,11 @@ def evaluate_ood(
     ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out
     in-distribution data), then ``test_loader`` (in-distribution) is compared with each OOD set.
     Metrics: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, OOD = positive class.
-    ``max_samples`` caps every set; ``group_size`` scores groups of consecutive samples.
+    ``options`` are the fields of :class:`~fimcb.scoring.ScoringOptions`: ``group_size``,
+    ``engine``, ``metric``, ``log_likelihood``, ``chunk_size``, ``max_samples``, ``progress``.
     """
     return ood_evaluation(
-        model,
-        fit_loader,
-        test_loader,
-        ood_loaders,
-        methods=methods,
-        group_size=group_size,
-        engine=engine,
-        metric=metric,
-        log_likelihood=log_likelihood,
-        max_samples=max_samples,
-        progress=progress,
+        model, fit_loader, test_loader, ood_loaders, methods=methods, options=ScoringOptions(**options)
     ).metrics
 
 

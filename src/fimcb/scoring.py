@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,26 +15,48 @@ from fimcb.metrics import Metric
 from fimcb.protocol import LogLikelihoodFn, unpack_batch
 
 
+class EmptyLoaderError(ValueError):
+    """A loader yielded fewer samples than one group."""
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How samples are scored; shared by :func:`layer_norms_over`, ``evaluate_ood`` and the callback.
+
+    Attributes:
+        group_size: score the summed log-likelihood of this many consecutive samples (the paper's k).
+        engine: gradient backend, see :func:`fimcb.per_sample_layer_norms`.
+        metric: Fisher approximation (default: identity).
+        log_likelihood: overrides ``model.log_likelihood``.
+        chunk_size: groups per vectorised engine call (default: sized from memory).
+        max_samples: use at most this many samples of a loader.
+        progress: show a progress bar per pass.
+    """
+
+    group_size: int = 1
+    engine: Engine = "auto"
+    metric: Metric | str | None = None
+    log_likelihood: LogLikelihoodFn | None = None
+    chunk_size: int | None = None
+    max_samples: int | None = None
+    progress: bool = False
+
+
 def layer_norms_over(
     model: nn.Module,
     loader: Iterable[Any],
+    options: ScoringOptions = ScoringOptions(),
     *,
     name: str = "data",
-    group_size: int = 1,
-    max_samples: int | None = None,
     input_shape: tuple[int, ...] | None = None,
-    engine: Engine = "auto",
-    metric: Metric | str | None = None,
-    log_likelihood: LogLikelihoodFn | None = None,
-    chunk_size: int | None = None,
-    progress: bool = False,
 ) -> LayerNorms:
-    """Layer norms of every sample (or group of ``group_size`` consecutive samples) that ``loader`` yields.
+    """Layer norms of every sample (or group of ``options.group_size`` consecutive samples) of ``loader``.
 
-    Groups run across batch boundaries; at most ``max_samples`` samples are used. Rows carry the
-    batch's sample ids (the first of each group), or running positions when the batch has none.
+    Groups run across batch boundaries; at most ``options.max_samples`` samples are used. Rows carry
+    the batch's sample ids (the first of each group), or running positions when the batch has none.
     ``input_shape`` (per-sample shape) makes a mismatched loader fail with a clear message.
     """
+    group_size, max_samples = options.group_size, options.max_samples
     pending_x: list[Tensor] = []
     pending_ids: list[Tensor] = []
     parts: list[LayerNorms] = []
@@ -42,7 +65,7 @@ def layer_norms_over(
         total=_expected_samples(loader, max_samples),
         desc=f"fimcb: scoring {name}",
         leave=False,
-        disable=not progress,
+        disable=not options.progress,
         unit="sample",
     )
     for batch in loader:
@@ -67,11 +90,11 @@ def layer_norms_over(
             norms = per_sample_layer_norms(
                 model,
                 xs[:usable],
-                metric=metric,
-                log_likelihood=log_likelihood,
+                metric=options.metric,
+                log_likelihood=options.log_likelihood,
                 group_size=group_size,
-                engine=engine,
-                chunk_size=chunk_size,
+                engine=options.engine,
+                chunk_size=options.chunk_size,
             )
             parts.append(
                 LayerNorms(
@@ -86,7 +109,7 @@ def layer_norms_over(
             break
     bar.close()
     if not parts:
-        raise ValueError(
+        raise EmptyLoaderError(
             f"{name}: the loader yielded {seen} samples, fewer than one group of {group_size}; "
             "check the dataset is not empty and its size options"
         )
