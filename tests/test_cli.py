@@ -95,3 +95,13 @@ def test_fashionmnist_config_on_real_data(tmp_path: Path, data_root: Path) -> No
     metrics = _metrics(Path(cli.trainer.log_dir))
     assert list(metrics) == ["mnist", "vflip", "noise"]
     assert all(0 <= v <= 1 for m in metrics["mnist"].values() for v in m.values())
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("fimcb.models.")
+    assert printed["trainer"]["callbacks"][0]["class_path"] == "fimcb.FIMNormCallback"

@@ -127,3 +127,100 @@ def naive_layer_norms(model: nn.Module, x: Tensor, group_size: int = 1) -> tuple
         )
         lls.append(ll.detach())
     return torch.stack(rows), torch.stack(lls)
+
+
+class SequenceZoo(nn.Module):
+    """Embedding (with padding row), Conv1d, BatchNorm1d (running stats), LayerNorm and a Linear over
+    a sequence: the layer types of autoregressive and audio models."""
+
+    def __init__(self, vocab: int = 6, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=2, dilation=2)
+        self.bn = nn.BatchNorm1d(dim)
+        self.bn.running_mean.uniform_(-0.5, 0.5)
+        self.bn.running_var.uniform_(0.5, 2.0)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, vocab)
+
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        h = self.bn(self.conv(self.embed(tokens).transpose(1, 2))).transpose(1, 2)
+        logp = torch.log_softmax(self.out(self.norm(torch.tanh(h))), dim=-1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(1)
+
+
+class OutsideForward(nn.Module):
+    """Uses a Linear's weight outside the Linear's forward, which hooks cannot see."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(dim, dim)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return -(self.lin(x) + x @ self.lin.weight).pow(2).sum(1)
+
+
+class BatchStatsNorm(nn.Module):
+    """BatchNorm without running statistics: samples interact even in eval mode."""
+
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, track_running_stats=False)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return -self.bn(x).pow(2).sum(1)
+
+
+class RandomConvNet(nn.Module):
+    """A random stack of Conv2d / ConvTranspose2d / GroupNorm layers and a Linear head (property tests)."""
+
+    def __init__(self, layers: list[tuple[str, int, int, int, int, int]], channels: int, bias: bool) -> None:
+        super().__init__()
+        self.body = nn.ModuleList()
+        c = channels
+        for kind, out, kernel, stride, padding, dilation in layers:
+            if kind == "conv":
+                self.body.append(nn.Conv2d(c, out, kernel, stride, padding, dilation, bias=bias))
+            elif kind == "convT":
+                self.body.append(
+                    nn.ConvTranspose2d(c, out, kernel, stride, min(padding, kernel - 1), bias=bias)
+                )
+            else:
+                out = c
+                self.body.append(nn.GroupNorm(1, c))
+            c = out
+        self.head = nn.LazyLinear(1, bias=bias)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h = x
+        for layer in self.body:
+            h = torch.tanh(layer(h))
+        return self.head(h.flatten(1)).squeeze(1) - 0.5 * x.flatten(1).pow(2).sum(1)
+
+
+class Gate(nn.Module):
+    """A custom layer without a rule, returning a tuple: exercises the module-local torch.func route."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.log_gain = nn.Parameter(0.1 * torch.randn(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.sigmoid(x * self.log_gain.exp() + self.shift) * x
+        return y, self.log_gain.sum().expand(x.shape[0])
+
+
+class CustomLayerModel(nn.Module):
+    """Linear → Gate (no rule) → Linear, the gate used twice."""
+
+    def __init__(self, dim: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(dim, dim)
+        self.gate = Gate(dim)
+        self.out = nn.Linear(dim, dim)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h, extra = self.gate(self.inp(x))
+        h, extra2 = self.gate(h)
+        return -0.5 * (self.out(h) - x).pow(2).sum(1) + extra + extra2

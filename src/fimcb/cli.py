@@ -23,8 +23,8 @@ class FIMCLI(LightningCLI):
 
 def main(args: Sequence[str] | None = None, default_config: str | Path | None = None) -> FIMCLI:
     """Run the CLI; with no arguments at all, ``fit`` the ``default_config``."""
-    args = list(sys.argv[1:] if args is None else args)
-    if not args and default_config is not None:
+    given = sys.argv[1:] if args is None else list(args)
+    if not given and default_config is not None:
         args = ["fit", "--config", str(default_config)]
     # Denormal floats make early CPU training steps several times slower (METHOD.md §9).
     torch.set_flush_denormal(True)

@@ -13,23 +13,31 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.engine.func import func_layer_norms
+from fimcb.engine.hooks import hooks_layer_norms
 from fimcb.engine.loop import loop_layer_norms
+from fimcb.engine.rules.norm import SamplesInteractError, check_batchnorm
 from fimcb.engine.types import LayerNorms
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
 
 log = logging.getLogger("fimcb")
 
-Engine = Literal["auto", "func", "loop"]
+Engine = Literal["auto", "hooks", "func", "loop"]
 Backend = Callable[..., tuple[Tensor, Tensor]]
-BACKENDS: dict[str, Backend] = {"func": func_layer_norms, "loop": loop_layer_norms}
+BACKENDS: dict[str, Backend] = {
+    "hooks": hooks_layer_norms,
+    "func": func_layer_norms,
+    "loop": loop_layer_norms,
+}
+# "auto" tries these in order, fastest first, and remembers per model which one worked.
+AUTO_ORDER: tuple[str, ...] = ("hooks", "func", "loop")
 
 # Memory the func backend may give to per-sample gradients at once (floats: grads + workspace).
 DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_CHUNK = 128
 
-# Models on which ``torch.func`` failed once: "auto" goes straight to the loop for them.
-_FUNC_UNSUPPORTED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+# The backend "auto" settled on for each model it has seen.
+_AUTO_CHOICE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -87,8 +95,10 @@ def per_sample_layer_norms(
         log_likelihood: overrides ``model.log_likelihood``; must compute through ``model``.
         group_size: k; row g is the gradient of the summed log-likelihood of samples
             ``g*k .. g*k+k-1``. A remainder of ``B % k`` samples is dropped with a warning.
-        engine: ``"func"`` (``torch.func`` vmap), ``"loop"`` (one backward per group) or
-            ``"auto"`` (``func``, falling back to ``loop`` for models vmap cannot handle).
+        engine: ``"hooks"`` (one batched backward, per-layer rules, module-local ``torch.func``
+            for layers without a rule), ``"func"`` (``torch.func`` vmap over the whole model),
+            ``"loop"`` (one backward per group) or ``"auto"`` (the first of these that handles
+            the model exactly, remembered per model).
         chunk_size: groups per vmap call (default: sized from the parameter count).
 
     Runs the model in eval mode (restored afterwards), never writes ``.grad`` and works
@@ -115,6 +125,9 @@ def per_sample_layer_norms(
     chunk = chunk_size or default_chunk_size(params)
     device = next(iter(params.values())).device
     with eval_mode(model), grad_enabled():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                check_batchnorm(module)  # batch statistics even in eval mode: samples interact
         xs = x.clone() if x.is_inference() else x
         groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
         values, ll = _run(engine, model, ll_fn, params, groups, metric, chunk)
@@ -132,16 +145,21 @@ def _run(
 ) -> tuple[Tensor, Tensor]:
     if engine != "auto":
         return BACKENDS[engine](model, ll_fn, params, groups, metric, chunk)
-    if model not in _FUNC_UNSUPPORTED:
+    candidates = [_AUTO_CHOICE[model]] if model in _AUTO_CHOICE else list(AUTO_ORDER)
+    for name in candidates[:-1]:
         try:
-            return func_layer_norms(model, ll_fn, params, groups, metric, chunk)
-        except ModelProtocolError:
+            result = BACKENDS[name](model, ll_fn, params, groups, metric, chunk)
+        except (ModelProtocolError, SamplesInteractError):
             raise
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
-            _FUNC_UNSUPPORTED[model] = f"{type(err).__name__}: {err}"
             log.warning(
-                "fimcb: torch.func cannot differentiate %s per sample (%s); using the per-sample loop",
+                "fimcb: the %s engine cannot handle %s (%s); trying the next one",
+                name,
                 type(model).__name__,
-                str(err).splitlines()[0][:200],
+                str(err).splitlines()[0][:300],
             )
-    return loop_layer_norms(model, ll_fn, params, groups, metric, chunk)
+            continue
+        _AUTO_CHOICE[model] = name
+        return result
+    _AUTO_CHOICE[model] = candidates[-1]
+    return BACKENDS[candidates[-1]](model, ll_fn, params, groups, metric, chunk)

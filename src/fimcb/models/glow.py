@@ -11,11 +11,14 @@ leaves the global RNG alone and can be differentiated per sample with ``torch.fu
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fimcb.engine.factors import Dense, Factor
+from fimcb.engine.rules import Rule, register_rule
 from fimcb.models.base import ImageLikelihoodModel
 
 _MASK32 = 0xFFFFFFFF
@@ -205,6 +208,23 @@ class SplitPrior(nn.Module):
         return mean, log_std
 
 
+class TopPrior(nn.Module):
+    """Learned diagonal Gaussian prior of the last level's output; a module of its own, so that its
+    parameters are used inside a ``forward`` (where fimcb's hooks engine sees them)."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.zeros(1, *shape))
+        self.log_std = nn.Parameter(torch.zeros(1, *shape))
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Standardised latent ``(h - mean) / std`` and its log-Jacobian ``-sum(log_std)`` per sample."""
+        return (h - self.mean) * torch.exp(-self.log_std), (-self.log_std.sum()).expand(h.shape[0])
+
+    def inverse(self, latent: Tensor, temperature: float = 1.0) -> Tensor:
+        return self.mean + torch.exp(self.log_std) * temperature * latent
+
+
 class Glow(ImageLikelihoodModel):
     """Multi-scale Glow flow on dequantised images.
 
@@ -261,8 +281,7 @@ class Glow(ImageLikelihoodModel):
                 self.latent_shapes.append((c // 2, h, w))
                 c = c // 2
         self.latent_shapes.append((c, h, w))
-        self.top_mean = nn.Parameter(torch.zeros(1, c, h, w))
-        self.top_log_std = nn.Parameter(torch.zeros(1, c, h, w))
+        self.top_prior = TopPrior((c, h, w))
 
     def encode(self, y: Tensor) -> tuple[list[Tensor], Tensor]:
         """Map centred dequantised images ``y`` to standardised latents and the log-density ``log p(y)``.
@@ -283,13 +302,14 @@ class Glow(ImageLikelihoodModel):
                 mean, log_std = self.priors[level](h)
                 latents.append((z - mean) * torch.exp(-log_std))
                 log_det = log_det - log_std.flatten(1).sum(1)
-        latents.append((h - self.top_mean) * torch.exp(-self.top_log_std))
-        log_det = log_det - self.top_log_std.sum()
+        latent, top_log_det = self.top_prior(h)
+        latents.append(latent)
+        log_det = log_det + top_log_det
         return latents, log_det + sum(gaussian_log_prob(e) for e in latents)
 
     def decode(self, latents: list[Tensor], temperature: float = 1.0) -> Tensor:
         """Inverse of :meth:`encode` (at ``temperature`` 1; other values scale every prior's std)."""
-        h = self.top_mean + torch.exp(self.top_log_std) * temperature * latents[-1]
+        h = self.top_prior.inverse(latents[-1], temperature)
         for level in reversed(range(len(self.levels))):
             if level < len(self.priors):
                 mean, log_std = self.priors[level](h)
@@ -323,8 +343,58 @@ class Glow(ImageLikelihoodModel):
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """``n`` images drawn at ``sample_temperature``, quantised to the level grid in ``[0, 1]``."""
-        device = self.top_mean.device
+        device = self.top_prior.mean.device
         latents = [torch.randn(n, *shape, device=device) for shape in self.latent_shapes]
         y = self.decode(latents, self.sample_temperature) + 0.5
         levels = torch.floor(y.clamp(0, 1) * self.num_levels).clamp(max=self.num_levels - 1)
         return levels / (self.num_levels - 1)
+
+
+# Per-sample gradient rules for fimcb's hooks engine: closed forms for Glow's own layers, which
+# would otherwise take the slower module-local torch.func route. Each call's outputs are
+# ``[y, log_det]`` and ``grads`` the gradients of the summed log-likelihood with respect to them.
+
+
+@register_rule(ActNorm)
+class ActNormRule(Rule):
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        (y, _), (g_y, g_det) = outputs, grads
+        area = y.shape[2] * y.shape[3]
+        bias = (g_y * torch.exp(module.log_scale)).sum((2, 3), keepdim=True)
+        log_scale = (g_y * y).sum((2, 3), keepdim=True) + area * g_det.reshape(-1, 1, 1, 1)
+        return {"bias": Dense(bias.unsqueeze(1)), "log_scale": Dense(log_scale.unsqueeze(1))}
+
+
+@register_rule(InvConv1x1)
+class InvConv1x1Rule(Rule):
+    """Per-sample ``∂/∂W = Σ_t b_t x_tᵀ``, then the chain rule through ``W = P L U`` to the LU factors."""
+
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        (y, _), (g_y, g_det) = outputs, grads
+        g_w = torch.einsum("bchw,bdhw->bcd", g_y, inputs[0])
+        lower = module.lower * module.lower_mask + module.eye
+        upper = module.upper * module.lower_mask.T + torch.diag(module.sign_s * torch.exp(module.log_s))
+        pl_t_g = (module.perm @ lower).T @ g_w  # ∂/∂U (full upper factor)
+        return {
+            "lower": Dense(module.perm.T @ g_w @ upper.T * module.lower_mask),
+            "upper": Dense(pl_t_g * module.lower_mask.T),
+            "log_s": Dense(
+                torch.diagonal(pl_t_g, dim1=1, dim2=2) * module.sign_s * torch.exp(module.log_s)
+                + y.shape[2] * y.shape[3] * g_det.unsqueeze(1)
+            ),
+        }
+
+
+@register_rule(TopPrior)
+class TopPriorRule(Rule):
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        (latent, _), (g_latent, g_det) = outputs, grads
+        mean = -g_latent * torch.exp(-module.log_std)
+        log_std = -g_latent * latent - g_det.reshape(-1, 1, 1, 1)
+        return {"mean": Dense(mean.unsqueeze(1)), "log_std": Dense(log_std.unsqueeze(1))}

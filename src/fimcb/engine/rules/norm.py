@@ -1,0 +1,78 @@
+"""Affine parameters of normalisation layers: ``∇γ = Σ x̂ ⊙ b`` and ``∇β = Σ b`` over positions.
+
+Only per-sample normalisations qualify: LayerNorm, GroupNorm, and BatchNorm in eval mode with
+running statistics. BatchNorm that normalises with batch statistics couples the samples, so a
+per-sample gradient does not exist: it is refused with an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fimcb.engine.factors import Dense, Factor
+from fimcb.engine.rules import Rule, register_rule
+
+
+def _affine(
+    module: nn.Module, x_hat: Tensor, grad: Tensor, channel_dims: tuple[int, ...]
+) -> dict[str, Factor]:
+    """Sum ``x̂ ⊙ b`` and ``b`` over every dimension but the batch and ``channel_dims``."""
+    reduce = tuple(d for d in range(1, grad.ndim) if d not in channel_dims)
+    out: dict[str, Factor] = {}
+    if module.weight is not None:
+        out["weight"] = Dense((x_hat * grad).sum(reduce) if reduce else x_hat * grad)
+    if module.bias is not None:
+        out["bias"] = Dense(grad.sum(reduce) if reduce else grad)
+    return out
+
+
+@register_rule(nn.LayerNorm)
+class LayerNormRule(Rule):
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        grad = grads[0]
+        x_hat = F.layer_norm(inputs[0], module.normalized_shape, eps=module.eps)
+        n = len(module.normalized_shape)
+        return _affine(module, x_hat, grad, tuple(range(grad.ndim - n, grad.ndim)))
+
+
+@register_rule(nn.GroupNorm)
+class GroupNormRule(Rule):
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        grad = grads[0]
+        x_hat = F.group_norm(inputs[0], module.num_groups, eps=module.eps)
+        return _affine(module, x_hat, grad, (1,))
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormRule(Rule):
+    def factors(
+        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
+    ) -> dict[str, Factor]:
+        grad = grads[0]
+        check_batchnorm(module)
+        shape = (1, -1) + (1,) * (inputs[0].ndim - 2)
+        mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
+        x_hat = (inputs[0] - mean) * torch.rsqrt(var + module.eps)
+        return _affine(module, x_hat, grad, (1,))
+
+
+class SamplesInteractError(ValueError):
+    """A layer mixes samples of the batch, so per-sample gradients are not defined."""
+
+
+def check_batchnorm(module: nn.Module) -> None:
+    """Refuse BatchNorm that normalises with batch statistics (train mode, or no running stats)."""
+    if module.training or module.running_mean is None:
+        raise SamplesInteractError(
+            f"{type(module).__name__} normalises with batch statistics (train mode or "
+            "track_running_stats=False), so samples interact and per-sample gradients are undefined; "
+            "score in eval mode with running statistics, or use GroupNorm/LayerNorm"
+        )
