@@ -28,7 +28,7 @@ from fimcb import ModelProtocolError, per_sample_layer_norms
 from fimcb.engine.factors import IndexSum, OuterSum
 from fimcb.engine.hooks import UnsupportedModelError
 from fimcb.engine.rules.norm import SamplesInteractError
-from fimcb.metrics import Identity
+from fimcb.metrics import Diagonal, Identity, Metric
 from fimcb.models import Glow
 
 ENGINES = ["hooks", "func", "loop", "auto"]
@@ -196,15 +196,41 @@ def test_works_inside_gradient_free_contexts(context) -> None:
 
 @pytest.mark.parametrize("engine", ["hooks", "func", "loop"])
 def test_metric_hook_is_applied(engine: str) -> None:
-    class Halved(Identity):
+    class Halved(Metric):
         def squared_norms(self, name, grads):
-            return 0.5 * super().squared_norms(name, grads)
+            return 0.5 * grads.flatten(1).pow(2).sum(1)
 
     model, x = SequenceZoo(), torch.randint(0, 6, (4, 5))
     torch.testing.assert_close(
         per_sample_layer_norms(model, x, metric=Halved(), engine=engine).values,
         0.5 * per_sample_layer_norms(model, x, engine=engine).values,
     )
+
+
+@pytest.mark.parametrize("engine", ["hooks", "func", "loop"])
+@pytest.mark.parametrize("case", ["conv", "tokens", "sequence_zoo", "custom_layer", "glow"])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_diagonal_metric_equals_weighted_naive_gradients(engine: str, case: str, group_size: int) -> None:
+    model, x = next((m, x) for name, m, x in _cases() if name == case)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.rand_like(p) + 0.1 for n, p in params.items()}
+    metric = Diagonal(fisher, damping=0.01)
+    norms = per_sample_layer_norms(model, x, metric=metric, engine=engine, group_size=group_size)
+    expected = []
+    for start in range(0, len(x), group_size):
+        ll = model.eval().log_likelihood(x[start : start + group_size]).sum()
+        grads = torch.autograd.grad(ll, list(params.values()))
+        expected.append(
+            torch.stack([(g.pow(2) / (fisher[n] + 0.01)).sum() for n, g in zip(params, grads, strict=True)])
+        )
+    torch.testing.assert_close(norms.values, torch.stack(expected), rtol=1e-4, atol=1e-7)
+
+
+def test_diagonal_metric_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="raise damping"):
+        Diagonal({"w": torch.tensor([0.0, 1.0])}, damping=0.0)
+    with pytest.raises(KeyError, match="no diagonal Fisher entry"):
+        per_sample_layer_norms(LinearFlow(3), torch.randn(2, 3), metric=Diagonal({}), engine="func")
 
 
 @settings(max_examples=30, deadline=None)

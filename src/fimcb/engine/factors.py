@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fimcb.metrics import Identity, Metric
+from fimcb.metrics import Metric
 
 # Materialised per-group gradients are produced this many floats at a time at most.
 MATERIALISE_BUDGET = 1 << 26
@@ -43,16 +43,29 @@ class Factor(ABC):
     @abstractmethod
     def n_groups(self) -> int: ...
 
+    @property
+    @abstractmethod
+    def device(self) -> torch.device: ...
+
     def ghost_norms(self) -> Tensor | None:
         """Squared Euclidean norms without materialising, or ``None`` when materialising is cheaper."""
         return None
 
+    def diagonal_norms(self, weights: Tensor) -> Tensor | None:
+        """``Σ_j w_j G_j²`` without materialising, or ``None`` when that is not cheaper."""
+        return None
+
     def squared_norms(self, name: str, metric: Metric, shape: torch.Size) -> Tensor:
-        """``[G]`` squared norms under ``metric``; the identity may take the ghost route."""
-        if type(metric) is Identity:
+        """``[G]`` squared norms under ``metric``, by a shortcut where the metric's form allows one."""
+        weights = metric.diagonal(name)
+        shortcut = None
+        if isinstance(weights, float):
             ghost = self.ghost_norms()
-            if ghost is not None:
-                return ghost
+            shortcut = None if ghost is None else weights * ghost
+        elif isinstance(weights, Tensor):
+            shortcut = self.diagonal_norms(weights.to(self.device).reshape(shape))
+        if shortcut is not None:
+            return shortcut
         step = max(1, MATERIALISE_BUDGET // max(1, shape.numel()))
         parts = [
             metric.squared_norms(name, self.dense(slice(s, s + step)).reshape(-1, *shape))
@@ -82,6 +95,16 @@ class OuterSum(Factor):
     @property
     def n_groups(self) -> int:
         return self.u.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor | None:
+        if self.u.shape[1] != 1:
+            return None
+        w = weights.reshape(self.u.shape[2], self.v.shape[2])  # (b∘b)ᵀ W (a∘a), one matrix product
+        return torch.einsum("gp,pq,gq->g", self.u[:, 0].pow(2), w, self.v[:, 0].pow(2))
 
     def same_layout(self, other: OuterSum) -> bool:
         return self.u.shape[2:] == other.u.shape[2:] and self.v.shape[2:] == other.v.shape[2:]
@@ -118,6 +141,10 @@ class IndexSum(Factor):
     def n_groups(self) -> int:
         return self.v.shape[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.v.device
+
     def groups(self, group_size: int) -> IndexSum:
         return IndexSum(
             _group_positions(self.index, group_size), _group_positions(self.v, group_size), self.num_rows
@@ -148,6 +175,13 @@ class Dense(Factor):
     @property
     def n_groups(self) -> int:
         return self.grads.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.grads.device
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor:
+        return (self.grads.pow(2) * weights).flatten(1).sum(1)
 
     def groups(self, group_size: int) -> Dense:
         g = self.grads.shape[0] // group_size

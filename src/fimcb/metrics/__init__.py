@@ -1,5 +1,5 @@
 """Approximations of the Fisher information matrix ("metrics") that turn per-sample gradients into norms."""
 
-from fimcb.metrics.base import Identity, Metric, resolve_metric
+from fimcb.metrics.base import Diagonal, Identity, Metric, resolve_metric
 
-__all__ = ["Identity", "Metric", "resolve_metric"]
+__all__ = ["Diagonal", "Identity", "Metric", "resolve_metric"]

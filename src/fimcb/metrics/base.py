@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -20,6 +21,11 @@ class Metric(ABC):
     @abstractmethod
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         """Squared norms ``[N]`` of per-sample gradients ``grads`` ``[N, *shape]`` of parameter ``name``."""
+
+    def diagonal(self, name: str) -> Tensor | float | None:
+        """For a diagonal metric, the weights ``1 / F_jj`` of parameter ``name`` (a float when they are
+        all equal), so that engines can skip materialising gradients; ``None`` for other metrics."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Fitted state, for saving next to a run (empty for metrics that need no fit)."""
@@ -38,6 +44,47 @@ class Identity(Metric):
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         return grads.flatten(start_dim=1).pow(2).sum(dim=1)
+
+    def diagonal(self, name: str) -> float:
+        return 1.0
+
+
+class Diagonal(Metric):
+    """A given diagonal Fisher: ``Σ_j s_j² / (F_jj + damping)`` per parameter tensor.
+
+    Args:
+        fisher: diagonal of F per parameter name, each shaped like the parameter.
+        damping: added to every diagonal entry (keeps near-zero entries from dominating).
+    """
+
+    name = "diagonal"
+
+    def __init__(self, fisher: dict[str, Tensor], damping: float = 1e-8) -> None:
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.damping = damping
+        self.weights = {name: 1.0 / (f.detach() + damping) for name, f in fisher.items()}
+        bad = [n for n, w in self.weights.items() if not torch.isfinite(w).all() or (w < 0).any()]
+        if bad:
+            raise ValueError(f"the diagonal Fisher of {bad} has negative or zero entries; raise damping")
+
+    def _weights(self, name: str) -> Tensor:
+        if name not in self.weights:
+            raise KeyError(f"no diagonal Fisher entry for parameter {name!r}")
+        return self.weights[name]
+
+    def squared_norms(self, name: str, grads: Tensor) -> Tensor:
+        w = self._weights(name).to(grads.device, grads.dtype)
+        return (grads.pow(2) * w).flatten(start_dim=1).sum(dim=1)
+
+    def diagonal(self, name: str) -> Tensor:
+        return self._weights(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights, "damping": self.damping}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights, self.damping = state["weights"], state["damping"]
 
 
 METRICS: dict[str, type[Metric]] = {"identity": Identity}
