@@ -8,6 +8,7 @@ results to the trainer's loggers and log directory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,9 @@ class FIMNormCallback(Callback):
         self.probe_indices: dict[str, list[int]] = {}
         self.last_tracked_step = -1
         self.result: OODResult | None = None
+        # Wall-clock seconds spent in this callback, so its cost relative to training is visible.
+        self.seconds = {"tracking": 0.0, "evaluation": 0.0}
+        self._fit_start = 0.0
 
     # ---- Lightning hooks -------------------------------------------------------------------
 
@@ -108,6 +112,7 @@ class FIMNormCallback(Callback):
         resolve_log_likelihood(pl_module)  # fail before training starts, with what to add
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
         self._maybe_track_train(trainer, pl_module)
 
     def on_train_batch_end(
@@ -152,6 +157,7 @@ class FIMNormCallback(Callback):
             self._track(trainer, pl_module, split, self._probe(trainer, split, loaders, self.n_val_probe))
 
     def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> LayerNorms:
+        start = time.perf_counter()
         with _isolated_rng(pl_module.device):
             norms = per_sample_layer_norms(
                 pl_module,
@@ -163,6 +169,7 @@ class FIMNormCallback(Callback):
         metrics = summarize(norms.cpu(), f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        self.seconds["tracking"] += time.perf_counter() - start
         return norms
 
     def _probe(self, trainer: L.Trainer, split: str, loaders: Any, n: int) -> Tensor:
@@ -191,6 +198,7 @@ class FIMNormCallback(Callback):
         if loaders is None:
             return
         fit_loader, test_loader, ood_loaders = loaders
+        start = time.perf_counter()
         with _isolated_rng(pl_module.device):
             result = ood_evaluation(
                 pl_module,
@@ -201,6 +209,7 @@ class FIMNormCallback(Callback):
                 options=replace(self.options, progress=self.options.progress and trainer.is_global_zero),
             )
         self.result = result
+        self.seconds["evaluation"] += time.perf_counter() - start
         flat = {
             f"ood/{ood}/{method}/{metric}": value
             for ood, by_method in result.metrics.items()
@@ -213,9 +222,12 @@ class FIMNormCallback(Callback):
             out_dir = Path(trainer.log_dir or trainer.default_root_dir)
             path = result.save(out_dir / self.output_file)
             torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
+            total = time.perf_counter() - self._fit_start
             rank_zero_info(
                 f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"
-                f"{result.table()}\nwritten to {path}"
+                f"{result.table()}\nwritten to {path}\n"
+                f"FIMNormCallback took {self.seconds['tracking']:.1f} s tracking and "
+                f"{self.seconds['evaluation']:.1f} s evaluating, of {total:.1f} s since training started"
             )
 
     def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
