@@ -299,3 +299,12 @@ def test_nonfinite_samples_give_nonfinite_rows_not_errors() -> None:
     x[2] = float("nan")
     norms = per_sample_layer_norms(model, x)
     assert norms.finite_rows().tolist() == [True, True, False, True]
+
+
+def test_auto_times_the_exact_backends_once_and_keeps_the_faster(caplog: pytest.LogCaptureFixture) -> None:
+    model, x = ConvEnergy(1), torch.randn(6, 1, 6, 6)
+    with caplog.at_level(logging.INFO, logger="fimcb"):
+        first = per_sample_layer_norms(model, x, engine="auto")
+        second = per_sample_layer_norms(model, x, engine="auto")
+    assert caplog.text.count("engine 'auto' uses") == 1 and "hooks" in caplog.text and "func" in caplog.text
+    torch.testing.assert_close(first.values, second.values)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -29,7 +30,8 @@ BACKENDS: dict[str, Backend] = {
     "func": func_layer_norms,
     "loop": loop_layer_norms,
 }
-# "auto" tries these in order, fastest first, and remembers per model which one worked.
+# "auto" times the exact backends among these on its first batch for a model and keeps the
+# fastest; the last one (the loop) is used only when the others cannot handle the model.
 AUTO_ORDER: tuple[str, ...] = ("hooks", "func", "loop")
 
 # Memory the func backend may give to per-sample gradients at once (floats: grads + workspace).
@@ -97,8 +99,8 @@ def per_sample_layer_norms(
             ``g*k .. g*k+k-1``. A remainder of ``B % k`` samples is dropped with a warning.
         engine: ``"hooks"`` (one batched backward, per-layer rules, module-local ``torch.func``
             for layers without a rule), ``"func"`` (``torch.func`` vmap over the whole model),
-            ``"loop"`` (one backward per group) or ``"auto"`` (the first of these that handles
-            the model exactly, remembered per model).
+            ``"loop"`` (one backward per group) or ``"auto"`` (on the first batch of a model,
+            times ``hooks`` and ``func`` and keeps the faster; the loop only when neither works).
         chunk_size: groups per vmap call (default: sized from the parameter count).
 
     Runs the model in eval mode (restored afterwards), never writes ``.grad`` and works
@@ -143,12 +145,17 @@ def _run(
     metric: Metric,
     chunk: int,
 ) -> tuple[Tensor, Tensor]:
+    def backend(name: str) -> tuple[Tensor, Tensor]:
+        return BACKENDS[name](model, ll_fn, params, groups, metric, chunk)
+
     if engine != "auto":
-        return BACKENDS[engine](model, ll_fn, params, groups, metric, chunk)
-    candidates = [_AUTO_CHOICE[model]] if model in _AUTO_CHOICE else list(AUTO_ORDER)
-    for name in candidates[:-1]:
+        return backend(engine)
+    if model in _AUTO_CHOICE:
+        return backend(_AUTO_CHOICE[model])
+    timed: dict[str, tuple[float, tuple[Tensor, Tensor]]] = {}
+    for name in AUTO_ORDER[:-1]:
         try:
-            result = BACKENDS[name](model, ll_fn, params, groups, metric, chunk)
+            backend(name)  # warm-up; the hooks backend also checks itself against autograd here
         except (ModelProtocolError, SamplesInteractError):
             raise
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
@@ -159,7 +166,18 @@ def _run(
                 str(err).splitlines()[0][:300],
             )
             continue
-        _AUTO_CHOICE[model] = name
-        return result
-    _AUTO_CHOICE[model] = candidates[-1]
-    return BACKENDS[candidates[-1]](model, ll_fn, params, groups, metric, chunk)
+        start = time.perf_counter()
+        result = backend(name)
+        timed[name] = (time.perf_counter() - start, result)
+    if not timed:
+        _AUTO_CHOICE[model] = AUTO_ORDER[-1]
+        return backend(AUTO_ORDER[-1])
+    choice = min(timed, key=lambda name: timed[name][0])
+    _AUTO_CHOICE[model] = choice
+    log.info(
+        "fimcb: engine 'auto' uses %s for %s (%s)",
+        choice,
+        type(model).__name__,
+        ", ".join(f"{name} {1000 * seconds:.1f} ms" for name, (seconds, _) in timed.items()),
+    )
+    return timed[choice][1]
