@@ -13,6 +13,7 @@ support the model; install them for the benchmark only (``pip install backpack-f
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import statistics
@@ -74,10 +75,15 @@ def backpack_method() -> Callable[[nn.Module, Tensor], None] | None:
     except ImportError:
         return None
 
+    extended: dict[int, nn.Module] = {}
+    loss_fn = extend(nn.MSELoss(reduction="sum"))
+
     def run(model: nn.Module, x: Tensor) -> None:
         if not isinstance(model, ConvAutoencoder):
             raise NotImplementedError("BackPACK needs a Sequential of supported layers and a supported loss")
-        net, loss_fn = extend(model.net), extend(nn.MSELoss(reduction="sum"))
+        if id(model) not in extended:  # on a copy: BackPACK leaves its hooks on the module it extends
+            extended[id(model)] = extend(copy.deepcopy(model.net))
+        net = extended[id(model)]
         loss = 0.5 * loss_fn(net(x), x)
         with backpack(BatchL2Grad()):
             loss.backward()
@@ -95,8 +101,8 @@ def opacus_method() -> Callable[[nn.Module, Tensor], None] | None:
     wrapped: dict[int, nn.Module] = {}
 
     def run(model: nn.Module, x: Tensor) -> None:
-        if id(model) not in wrapped:
-            wrapped[id(model)] = GradSampleModule(_Forward(model), loss_reduction="sum")
+        if id(model) not in wrapped:  # on a copy: Opacus leaves its hooks on the module it wraps
+            wrapped[id(model)] = GradSampleModule(_Forward(copy.deepcopy(model)), loss_reduction="sum")
         module = wrapped[id(model)].train()  # Opacus captures activations in train mode only
         (-module(x).sum()).backward()
         [p.grad_sample.flatten(1).pow(2).sum(1) for p in module.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ import copy
 import os
 
 import torch
+from engine import ConvAutoencoder
 from torch import Tensor, nn
 
 from fimcb import per_sample_layer_norms
@@ -60,12 +61,13 @@ def main() -> None:
         x = next(iter(dm.val_dataloader()))[0]
         model = Glow(image_shape=dm.image_shape, num_levels=dm.num_levels, **kwargs)
         cases.append((name, trained(model, next(iter(dm.train_dataloader()))[0]), x))
+    cases.append(("conv-autoencoder", ConvAutoencoder().eval(), x))  # the benchmark's reference model
     print(f"{'model':<20}{'dtype':<9}{'engine':<8}{'max rel. err. norms':>22}{'max rel. err. LL':>19}")
     for name, model, x in cases:
         for dtype in (torch.float32, torch.float64):
             m, xx = copy.deepcopy(model).to(dtype), x.to(dtype)
             ref, ref_ll = naive(m, xx)
-            for engine in ("func", "loop"):
+            for engine in ("hooks", "func", "loop"):
                 norms = per_sample_layer_norms(m, xx, engine=engine)
                 err = ((norms.values - ref).abs() / ref.abs().clamp_min(torch.finfo(dtype).tiny)).max()
                 err_ll = ((norms.log_likelihood - ref_ll).abs() / ref_ll.abs()).max()

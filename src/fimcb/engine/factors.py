@@ -87,10 +87,15 @@ class Factor(ABC):
 
 @dataclass
 class OuterSum(Factor):
-    """``G_g = Σ_t u_{g,t} v_{g,t}ᵀ`` with ``u`` ``[G, T, p]`` and ``v`` ``[G, T, q]``."""
+    """``G_g = Σ_t u_{g,t} v_{g,t}ᵀ`` with ``u`` ``[G, T, p]`` and ``v`` ``[G, T, q]``.
+
+    ``route`` picks how the Euclidean norm is computed: ``"auto"`` by operation count, ``"ghost"``
+    or ``"dense"`` as a rule measured for its shapes.
+    """
 
     u: Tensor
     v: Tensor
+    route: str = "auto"
 
     @property
     def n_groups(self) -> int:
@@ -110,7 +115,9 @@ class OuterSum(Factor):
         return self.u.shape[2:] == other.u.shape[2:] and self.v.shape[2:] == other.v.shape[2:]
 
     def groups(self, group_size: int) -> OuterSum:
-        return OuterSum(_group_positions(self.u, group_size), _group_positions(self.v, group_size))
+        return OuterSum(
+            _group_positions(self.u, group_size), _group_positions(self.v, group_size), self.route
+        )
 
     def dense(self, rows: slice) -> Tensor:
         return torch.einsum("gtp,gtq->gpq", self.u[rows], self.v[rows])
@@ -122,7 +129,7 @@ class OuterSum(Factor):
         t, p, q = self.u.shape[1], self.u.shape[2], self.v.shape[2]
         if t == 1:  # ||u vᵀ||² = ||u||² ||v||²
             return self.u.pow(2).sum((1, 2)) * self.v.pow(2).sum((1, 2))
-        if t * t * (p + q) >= t * p * q:
+        if self.route == "dense" or (self.route == "auto" and t * t * (p + q) >= t * p * q):
             return None
         gram_u = torch.bmm(self.u, self.u.transpose(1, 2))
         gram_v = torch.bmm(self.v, self.v.transpose(1, 2))

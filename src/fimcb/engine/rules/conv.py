@@ -1,18 +1,23 @@
-"""Convolutions. Per-sample weight gradients come either materialised, from one grouped
-weight-gradient convolution that treats each sample as its own group (about the cost of the
-batch's weight gradient), or, when positions are few and channels many, as the ghost norm of the
-unfolded input (or, for transposed convolutions, of the unfolded output gradient)."""
+"""Convolutions. Per-sample weight gradients are an outer-product sum over positions of the
+output gradient and the unfolded input (for transposed convolutions: of the input and the
+unfolded output gradient). Three routes give their norms: the ghost norm, materialising by a
+batched product, or materialising by one grouped weight-gradient convolution that treats each
+sample as its own group; the fastest for a layer's geometry is measured once and remembered."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from fimcb.engine.factors import Dense, Factor, OuterSum
 from fimcb.engine.rules import Rule, register_rule
+from fimcb.metrics import Identity
 
 
 def _options(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -35,8 +40,47 @@ def _per_sample_weight_grads(
     return stacked.reshape(batch, *weight_shape)
 
 
-def _ghost_is_cheaper(positions: int, p: int, q: int) -> bool:
-    return positions * (p + q) < p * q
+# Fastest way to get a convolution's per-sample weight norms, per layer geometry and batch size:
+# measured once, since no operation count predicts library kernels (a grouped convolution is
+# fast at stride 1 and slow at stride 2 on CPU, for instance).
+_ROUTES: dict[tuple[Any, ...], str] = {}
+
+
+def _fastest(key: tuple[Any, ...], shape: torch.Size, candidates: dict[str, Callable[[], Factor]]) -> Factor:
+    """The factor from the candidate whose Euclidean norms were fastest for ``key`` (timed once)."""
+    if key not in _ROUTES:
+        seconds = {}
+        for name, make in candidates.items():
+            for _ in range(2):  # the first call may pay for kernel selection
+                start = time.perf_counter()
+                make().squared_norms("", Identity(), shape)
+                seconds[name] = time.perf_counter() - start
+        _ROUTES[key] = min(seconds, key=seconds.__getitem__)
+    return candidates[_ROUTES[key]]()
+
+
+def _weight_factor(
+    module: nn.Module, u: Tensor, unfold_v: Callable[[], Tensor], grouped: Callable[[], Tensor]
+) -> Factor:
+    """Per-sample weight gradients ``Σ_t u_t v_tᵀ`` by the fastest of ghost norm, unfold + product
+    and grouped weight-gradient convolution."""
+    key = (
+        type(module),
+        tuple(module.weight.shape),
+        tuple(u.shape),
+        module.stride,
+        module.padding,
+        module.dilation,
+    )
+    return _fastest(
+        key,
+        module.weight.shape,
+        {
+            "ghost": lambda: OuterSum(u, unfold_v(), route="ghost"),
+            "unfold": lambda: OuterSum(u, unfold_v(), route="dense"),
+            "grouped": lambda: Dense(grouped()),
+        },
+    )
 
 
 def _unfold(x: Tensor, module: nn.Module) -> Tensor:
@@ -63,11 +107,12 @@ class ConvRule(Rule):
         a, grad = inputs[0], grads[0]
         batch, c_out = grad.shape[:2]
         b = grad.reshape(batch, c_out, -1).transpose(1, 2)  # [B, positions, C_out]
-        weight: Factor
-        if _ghost_is_cheaper(b.shape[1], c_out, module.weight[0].numel()):
-            weight = OuterSum(b, _unfold(a, module))
-        else:
-            weight = Dense(_per_sample_weight_grads(a, grad, tuple(module.weight.shape), _options(module)))
+        weight = _weight_factor(
+            module,
+            b,
+            lambda: _unfold(a, module),
+            lambda: _per_sample_weight_grads(a, grad, tuple(module.weight.shape), _options(module)),
+        )
         out: dict[str, Factor] = {"weight": weight}
         if module.bias is not None:
             out["bias"] = Dense(b.sum(1))
@@ -90,11 +135,12 @@ class ConvTransposeRule(Rule):
         a, grad = inputs[0], grads[0]
         batch, c_in = a.shape[:2]
         u = a.reshape(batch, c_in, -1).transpose(1, 2)  # [B, input positions, C_in]
-        weight: Factor
-        if _ghost_is_cheaper(u.shape[1], c_in, module.weight[0].numel()):
-            weight = OuterSum(u, _unfold(grad, module))
-        else:
-            weight = Dense(_per_sample_weight_grads(grad, a, tuple(module.weight.shape), _options(module)))
+        weight = _weight_factor(
+            module,
+            u,
+            lambda: _unfold(grad, module),
+            lambda: _per_sample_weight_grads(grad, a, tuple(module.weight.shape), _options(module)),
+        )
         out: dict[str, Factor] = {"weight": weight}
         if module.bias is not None:
             out["bias"] = Dense(grad.sum((2, 3)))
