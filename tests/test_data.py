@@ -362,3 +362,22 @@ def test_cifar10_from_npz(data_root: Path) -> None:
 def test_shape_mismatch_error(data_root: Path) -> None:
     with pytest.raises(ValueError, match=r"\(3, 32, 32\).*\(1, 28, 28\); pick an OOD dataset of the same"):
         ImageDataModule("fashionmnist", root=str(data_root), ood=["cifar10"])
+
+
+def test_download_true_asks_torchvision_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``download=True`` prepare_data hands ``download=True`` to torchvision for ID and OOD sets."""
+    import torchvision
+
+    calls: list[tuple[str, bool, bool]] = []
+
+    def recorder(name: str):
+        def make(root: str, train: bool = True, download: bool = False, **kwargs: object) -> None:
+            calls.append((name, train, download))
+
+        return make
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", recorder("fashionmnist"))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", recorder("mnist"))
+    ImageDataModule("fashionmnist", root=str(tmp_path), download=True, ood=["mnist", "vflip"]).prepare_data()
+    assert {(name, download) for name, _, download in calls} == {("fashionmnist", True), ("mnist", True)}
+    assert {train for _, train, _ in calls} == {True, False}

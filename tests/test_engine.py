@@ -186,11 +186,12 @@ def test_never_touches_grad_mode_or_rng() -> None:
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
-def test_works_inside_gradient_free_contexts(context) -> None:
-    model, x = LinearFlow(4), torch.randn(6, 4)
-    expected = per_sample_layer_norms(model, x).values
+@pytest.mark.parametrize("engine", ["hooks", "func", "loop"])
+def test_works_inside_gradient_free_contexts(context, engine: str) -> None:
+    model, x = SequenceZoo(), torch.randint(0, 6, (4, 5))
+    expected = per_sample_layer_norms(model, x, engine=engine).values
     with context():
-        inside = per_sample_layer_norms(model, x.clone())
+        inside = per_sample_layer_norms(model, x.clone(), engine=engine)
     torch.testing.assert_close(inside.values, expected)
 
 
