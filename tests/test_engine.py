@@ -13,6 +13,7 @@ from toy_models import (
     ControlFlowModel,
     ConvEnergy,
     CustomLayerModel,
+    InPlaceReLU,
     LinearFlow,
     MLPEnergy,
     NoLikelihood,
@@ -153,6 +154,12 @@ def test_hooks_detect_parameters_used_outside_forward(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.WARNING, logger="fimcb"):
         _assert_matches_naive(model, x, "auto")  # falls back to torch.func, still exact
     assert "the hooks engine cannot handle OutsideForward" in caplog.text
+
+
+def test_hooks_handle_outputs_modified_in_place() -> None:
+    model, x = InPlaceReLU(), torch.randn(6, 1, 5, 5)
+    model.log_likelihood(x)  # materialise the lazy layer
+    _assert_matches_naive(model, x, "hooks", group_size=2)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

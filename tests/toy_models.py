@@ -224,3 +224,14 @@ class CustomLayerModel(nn.Module):
         h, extra = self.gate(self.inp(x))
         h, extra2 = self.gate(h)
         return -0.5 * (self.out(h) - x).pow(2).sum(1) + extra + extra2
+
+
+class InPlaceReLU(nn.Module):
+    """Conv → ReLU(inplace=True) → Linear: a layer's output is overwritten after its hook saw it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(1))
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(1) - 0.5 * x.flatten(1).pow(2).sum(1)

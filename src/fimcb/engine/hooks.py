@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import rule_for
@@ -33,6 +33,8 @@ from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
 
 log = logging.getLogger("fimcb")
 
+# How each verified model is captured: False = outputs as they are; True = behind a copy, for
+# models that modify a layer's output in place afterwards (``ReLU(inplace=True)``).
 _VERIFIED: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 _PLANS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, ...], _Plan]] = weakref.WeakKeyDictionary()
 
@@ -91,13 +93,20 @@ class _Plan:
 
 
 @contextlib.contextmanager
-def _capture(owners: list[tuple[nn.Module, dict[str, str]]]) -> Iterator[dict[nn.Module, list[_Call]]]:
+def _capture(
+    owners: list[tuple[nn.Module, dict[str, str]]], copy_outputs: bool
+) -> Iterator[dict[nn.Module, list[_Call]]]:
+    """Record every call of the hooked modules; with ``copy_outputs`` the rest of the model gets a
+    copy of each output, so in-place changes downstream leave the captured tensors intact."""
     calls: dict[nn.Module, list[_Call]] = defaultdict(list)
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        flat = tree_flatten(output)[0]
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        flat, spec = tree_flatten(output)
         positions = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
         calls[module].append(_Call(args, kwargs, [flat[i] for i in positions], positions))
+        if not copy_outputs:
+            return None
+        return tree_unflatten([t.clone() if i in positions else t for i, t in enumerate(flat)], spec)
 
     handles = [module.register_forward_hook(hook, with_kwargs=True) for module, _ in owners]
     try:
@@ -135,8 +144,31 @@ def _chunk(
 ) -> tuple[Tensor, Tensor]:
     n_groups, k = groups.shape[:2]
     x = groups.flatten(0, 1)
-    verify = model not in _VERIFIED
-    with _capture(plan.owners) as calls:
+    if model in _VERIFIED:
+        factors, ll = _capture_factors(model, log_likelihood, params, plan, x, _VERIFIED[model], verify=False)
+    else:  # first batch of this model: check against autograd, with copies if in-place ops spoil it
+        try:
+            factors, ll = _capture_factors(model, log_likelihood, params, plan, x, False, verify=True)
+        except _SumMismatch:
+            factors, ll = _capture_factors(model, log_likelihood, params, plan, x, True, verify=True)
+    norms = []
+    for name, p in params.items():
+        factor = factors[name].groups(k) if k > 1 else factors[name]
+        norms.append(factor.squared_norms(name, metric, p.shape))
+    return torch.stack(norms, dim=1).detach(), ll.detach().reshape(n_groups, k).sum(1)
+
+
+def _capture_factors(
+    model: nn.Module,
+    log_likelihood: LogLikelihoodFn,
+    params: dict[str, nn.Parameter],
+    plan: _Plan,
+    x: Tensor,
+    copy_outputs: bool,
+    verify: bool,
+) -> tuple[dict[str, Factor], Tensor]:
+    """One forward with hooks and one backward to the captured outputs; per-sample factors."""
+    with _capture(plan.owners, copy_outputs) as calls:
         ll = check_log_likelihood_output(log_likelihood(x), x.shape[0])
     outputs = [t for module_calls in calls.values() for c in module_calls for t in c.outputs]
     targets = outputs + (list(params.values()) if verify else [])
@@ -148,12 +180,10 @@ def _chunk(
             position += len(c.outputs)
     factors = _factors(plan, calls, x.shape[0])
     if verify:
-        _verify(model, plan, factors, params, grads[len(outputs) :])
-    norms = []
-    for name, p in params.items():
-        factor = factors[name].groups(k) if k > 1 else factors[name]
-        norms.append(factor.squared_norms(name, metric, p.shape))
-    return torch.stack(norms, dim=1).detach(), ll.detach().reshape(n_groups, k).sum(1)
+        _verify(factors, params, grads[len(outputs) :], copy_outputs)
+        _VERIFIED[model] = copy_outputs
+        log.info("fimcb hooks engine on %s: %s", type(model).__name__, plan.describe())
+    return factors, ll
 
 
 def _factors(plan: _Plan, calls: dict[nn.Module, list[_Call]], batch: int) -> dict[str, Factor]:
@@ -207,10 +237,12 @@ def _module_local(module: nn.Module, local: dict[str, str], call: _Call, batch: 
     return {n: Dense(g) for n, g in per_sample.items()}
 
 
-def _verify(
-    model: nn.Module, plan: _Plan, factors: dict[str, Factor], params: dict[str, nn.Parameter], grads: tuple
-) -> None:
-    """Check that per-sample gradients add up to autograd's batch gradient, once per model."""
+class _SumMismatch(UnsupportedModelError):
+    """Per-sample gradients do not add up to autograd's batch gradient."""
+
+
+def _verify(factors: dict[str, Factor], params: dict[str, nn.Parameter], grads: tuple, copied: bool) -> None:
+    """Check that per-sample gradients add up to autograd's batch gradient."""
     wrong = []
     for (name, p), g in zip(params.items(), grads, strict=True):
         expected = torch.zeros_like(p) if g is None else g
@@ -218,9 +250,8 @@ def _verify(
         if (total - expected).norm() > 1e-3 * expected.norm() + 1e-6:
             wrong.append(name)
     if wrong:
-        raise UnsupportedModelError(
+        raise _SumMismatch(
             f"per-sample gradients of {wrong[:5]}{'...' if len(wrong) > 5 else ''} do not add up to the "
             "batch gradient: these parameters are used outside their module's forward (hooks cannot see that)"
+            + ("" if copied else ", or their module's output is modified in place")
         )
-    _VERIFIED[model] = True
-    log.info("fimcb hooks engine on %s: %s", type(model).__name__, plan.describe())
