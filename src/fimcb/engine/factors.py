@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fimcb.metrics import Metric
+from fimcb.metrics.base import squared_row_norms
 
 # Materialised per-group gradients are produced this many floats at a time at most.
 MATERIALISE_BUDGET = 1 << 26
@@ -61,7 +62,7 @@ class Factor(ABC):
         shortcut = None
         if isinstance(weights, float):
             ghost = self.ghost_norms()
-            shortcut = None if ghost is None else weights * ghost
+            shortcut = None if ghost is None else (ghost if weights == 1.0 else weights * ghost)
         elif isinstance(weights, Tensor):
             shortcut = self.diagonal_norms(weights.to(self.device).reshape(shape))
         if shortcut is not None:
@@ -109,7 +110,7 @@ class OuterSum(Factor):
         if self.u.shape[1] != 1:
             return None
         w = weights.reshape(self.u.shape[2], self.v.shape[2])  # (b∘b)ᵀ W (a∘a), one matrix product
-        return torch.einsum("gp,pq,gq->g", self.u[:, 0].pow(2), w, self.v[:, 0].pow(2))
+        return ((self.u[:, 0].square() @ w) * self.v[:, 0].square()).sum(1)
 
     def same_layout(self, other: OuterSum) -> bool:
         return self.u.shape[2:] == other.u.shape[2:] and self.v.shape[2:] == other.v.shape[2:]
@@ -128,7 +129,7 @@ class OuterSum(Factor):
     def ghost_norms(self) -> Tensor | None:
         t, p, q = self.u.shape[1], self.u.shape[2], self.v.shape[2]
         if t == 1:  # ||u vᵀ||² = ||u||² ||v||²
-            return self.u.pow(2).sum((1, 2)) * self.v.pow(2).sum((1, 2))
+            return squared_row_norms(self.u) * squared_row_norms(self.v)
         if self.route == "dense" or (self.route == "auto" and t * t * (p + q) >= t * p * q):
             return None
         gram_u = torch.bmm(self.u, self.u.transpose(1, 2))
@@ -188,7 +189,7 @@ class Dense(Factor):
         return self.grads.device
 
     def diagonal_norms(self, weights: Tensor) -> Tensor:
-        return (self.grads.pow(2) * weights).flatten(1).sum(1)
+        return self.grads.flatten(1).square() @ weights.flatten().to(self.grads.dtype)
 
     def groups(self, group_size: int) -> Dense:
         g = self.grads.shape[0] // group_size
@@ -196,6 +197,9 @@ class Dense(Factor):
 
     def dense(self, rows: slice) -> Tensor:
         return self.grads[rows]
+
+    def ghost_norms(self) -> Tensor:
+        return squared_row_norms(self.grads)  # already materialised: nothing to avoid
 
     def total(self) -> Tensor:
         return self.grads.sum(0)

@@ -37,13 +37,19 @@ class Metric(ABC):
             raise ValueError(f"{self.name} has no fitted state, got keys {sorted(state)}")
 
 
+def squared_row_norms(x: Tensor) -> Tensor:
+    """``[N]`` squared Euclidean norm of each row of ``x`` ``[N, ...]``; ``vector_norm`` is one fused
+    pass, many times faster on CPU than squaring into a temporary and summing it."""
+    return torch.linalg.vector_norm(x.flatten(start_dim=1), dim=1).square()
+
+
 class Identity(Metric):
     """F = I: the plain squared L2 norm of each parameter tensor's gradient (the paper's features)."""
 
     name = "identity"
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        return grads.flatten(start_dim=1).pow(2).sum(dim=1)
+        return squared_row_norms(grads)
 
     def diagonal(self, name: str) -> float:
         return 1.0
@@ -75,7 +81,7 @@ class Diagonal(Metric):
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         w = self._weights(name).to(grads.device, grads.dtype)
-        return (grads.pow(2) * w).flatten(start_dim=1).sum(dim=1)
+        return grads.flatten(start_dim=1).square() @ w.flatten()
 
     def diagonal(self, name: str) -> Tensor:
         return self._weights(name)
