@@ -101,6 +101,10 @@ def _capture(
     calls: dict[nn.Module, list[_Call]] = defaultdict(list)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        if isinstance(output, Tensor) and not copy_outputs:  # the common case, without pytree overhead
+            if output.requires_grad:
+                calls[module].append(_Call(args, kwargs, [output], [0]))
+            return None
         flat, spec = tree_flatten(output)
         positions = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
         calls[module].append(_Call(args, kwargs, [flat[i] for i in positions], positions))

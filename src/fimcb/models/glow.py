@@ -362,7 +362,7 @@ class ActNormRule(Rule):
     ) -> dict[str, Factor]:
         (y, _), (g_y, g_det) = outputs, grads
         area = y.shape[2] * y.shape[3]
-        bias = (g_y * torch.exp(module.log_scale)).sum((2, 3), keepdim=True)
+        bias = g_y.sum((2, 3), keepdim=True) * torch.exp(module.log_scale)
         log_scale = (g_y * y).sum((2, 3), keepdim=True) + area * g_det.reshape(-1, 1, 1, 1)
         return {"bias": Dense(bias.unsqueeze(1)), "log_scale": Dense(log_scale.unsqueeze(1))}
 

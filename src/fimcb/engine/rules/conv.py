@@ -86,6 +86,8 @@ def _weight_factor(
 def _unfold(x: Tensor, module: nn.Module) -> Tensor:
     """``[B, positions, C * kernel]`` columns of a 1-d or 2-d tensor, with the module's geometry."""
     options = {"kernel_size": tuple(module.kernel_size), **_options(module)}
+    if all(v == 1 for v in options["kernel_size"] + options["stride"]) and not any(options["padding"]):
+        return x.flatten(2).transpose(1, 2)  # 1x1 convolution: the columns are the pixels, no copy
     if x.ndim == 3:  # 1-d: unit height
         x = x.unsqueeze(2)
         options = {k: (1 if k != "padding" else 0, *v) for k, v in options.items()}
