@@ -1,7 +1,7 @@
 """Train a likelihood model with FIM-norm tracking and an OOD evaluation at the end.
 
-    python train.py                      # embedded default: Glow on scikit-learn's 8x8 digits
-    python train.py fit --config configs/glow_fashionmnist.yaml --data.root ../shared/data
+python train.py                      # embedded default: Glow on scikit-learn's 8x8 digits
+python train.py fit --config configs/glow_fashionmnist.yaml --data.root ../shared/data
 """
 
 from pathlib import Path

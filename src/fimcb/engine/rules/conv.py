@@ -98,6 +98,23 @@ def _plain(module: nn.Module) -> bool:
     return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
 
+def _conv_factors(
+    module: nn.Module, unfolded: Tensor, grad_side: Tensor, conv_input: Tensor
+) -> dict[str, Factor]:
+    """Weight factor ``Σ_t g_t c_tᵀ``: ``g`` the channels of ``grad_side`` at each position, ``c`` the
+    columns of ``unfolded``. A convolution passes (input, output gradient, input); a transposed one,
+    being the adjoint, passes (output gradient, input, output gradient)."""
+    batch, channels = grad_side.shape[:2]
+    rows = grad_side.reshape(batch, channels, -1).transpose(1, 2)  # [B, positions, channels]
+    weight = _weight_factor(
+        module,
+        rows,
+        lambda: _unfold(unfolded, module),
+        lambda: _per_sample_weight_grads(conv_input, grad_side, tuple(module.weight.shape), _options(module)),
+    )
+    return {"weight": weight}
+
+
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
     def supports(self, module: nn.Module) -> bool:
@@ -106,18 +123,9 @@ class ConvRule(Rule):
     def factors(
         self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
     ) -> dict[str, Factor]:
-        a, grad = inputs[0], grads[0]
-        batch, c_out = grad.shape[:2]
-        b = grad.reshape(batch, c_out, -1).transpose(1, 2)  # [B, positions, C_out]
-        weight = _weight_factor(
-            module,
-            b,
-            lambda: _unfold(a, module),
-            lambda: _per_sample_weight_grads(a, grad, tuple(module.weight.shape), _options(module)),
-        )
-        out: dict[str, Factor] = {"weight": weight}
+        out = _conv_factors(module, unfolded=inputs[0], grad_side=grads[0], conv_input=inputs[0])
         if module.bias is not None:
-            out["bias"] = Dense(b.sum(1))
+            out["bias"] = Dense(grads[0].flatten(2).sum(2))
         return out
 
 
@@ -134,16 +142,7 @@ class ConvTransposeRule(Rule):
     def factors(
         self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
     ) -> dict[str, Factor]:
-        a, grad = inputs[0], grads[0]
-        batch, c_in = a.shape[:2]
-        u = a.reshape(batch, c_in, -1).transpose(1, 2)  # [B, input positions, C_in]
-        weight = _weight_factor(
-            module,
-            u,
-            lambda: _unfold(grad, module),
-            lambda: _per_sample_weight_grads(grad, a, tuple(module.weight.shape), _options(module)),
-        )
-        out: dict[str, Factor] = {"weight": weight}
+        out = _conv_factors(module, unfolded=grads[0], grad_side=inputs[0], conv_input=grads[0])
         if module.bias is not None:
-            out["bias"] = Dense(grad.sum((2, 3)))
+            out["bias"] = Dense(grads[0].flatten(2).sum(2))
         return out
