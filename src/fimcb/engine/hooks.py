@@ -27,7 +27,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fimcb.engine.factors import Dense, Factor
-from fimcb.engine.rules import rule_for
+from fimcb.engine.rules import RULES, Rule, rule_for
 from fimcb.metrics import Metric
 from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
 
@@ -58,12 +58,12 @@ class _Call:
 class _Plan:
     """Which modules to hook and how each parameter (by global name) is owned."""
 
-    owners: list[tuple[nn.Module, dict[str, str]]]  # module, local name -> global name
+    owners: list[tuple[nn.Module, dict[str, str], Rule | None]]  # module, local -> global name, rule
 
     @staticmethod
     def of(model: nn.Module, params: dict[str, nn.Parameter]) -> _Plan:
         """The plan for ``model``, cached until its set of trainable parameters changes."""
-        key = tuple(id(p) for p in params.values())
+        key = (len(RULES), *(id(p) for p in params.values()))  # a newly registered rule re-plans
         cached = _PLANS.get(model)
         if cached is None or cached[0] != key:
             cached = key, _Plan.build(model, params)
@@ -81,20 +81,20 @@ class _Plan:
                 if id(p) in global_name
             }
             if local:
-                owners.append((module, local))
+                owners.append((module, local, rule_for(module)))
         return _Plan(owners)
 
     def describe(self) -> str:
         routes: dict[str, list[str]] = defaultdict(list)
-        for module, local in self.owners:
+        for module, local, rule in self.owners:
             kind = type(module).__name__
-            routes["rule" if rule_for(module) else "module-local torch.func"].append(f"{kind}({len(local)})")
+            routes["rule" if rule else "module-local torch.func"].append(f"{kind}({len(local)})")
         return "; ".join(f"{route}: {', '.join(sorted(set(kinds)))}" for route, kinds in routes.items())
 
 
 @contextlib.contextmanager
 def _capture(
-    owners: list[tuple[nn.Module, dict[str, str]]], copy_outputs: bool
+    owners: list[tuple[nn.Module, dict[str, str], Rule | None]], copy_outputs: bool
 ) -> Iterator[dict[nn.Module, list[_Call]]]:
     """Record every call of the hooked modules; with ``copy_outputs`` the rest of the model gets a
     copy of each output, so in-place changes downstream leave the captured tensors intact."""
@@ -112,7 +112,7 @@ def _capture(
             return None
         return tree_unflatten([t.clone() if i in positions else t for i, t in enumerate(flat)], spec)
 
-    handles = [module.register_forward_hook(hook, with_kwargs=True) for module, _ in owners]
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module, _, _ in owners]
     try:
         yield calls
     finally:
@@ -193,8 +193,7 @@ def _capture_factors(
 def _factors(plan: _Plan, calls: dict[nn.Module, list[_Call]], batch: int) -> dict[str, Factor]:
     """Per-sample factors of every parameter (by global name), combined over all its uses."""
     parts: dict[str, list[Factor]] = defaultdict(list)
-    for module, local in plan.owners:
-        rule = rule_for(module)
+    for module, local, rule in plan.owners:
         for c in calls.get(module, []):
             if any(t.ndim == 0 or t.shape[0] != batch for t in c.outputs):
                 raise UnsupportedModelError(
@@ -210,7 +209,7 @@ def _factors(plan: _Plan, calls: dict[nn.Module, list[_Call]], batch: int) -> di
                 found = _module_local(module, local, c, batch)
             for name, factor in found.items():
                 parts[local[name]].append(factor)
-    missing = [name for _, local in plan.owners for name in local.values() if name not in parts]
+    missing = [name for _, local, _ in plan.owners for name in local.values() if name not in parts]
     if missing:
         raise UnsupportedModelError(f"parameters never used inside their module's forward: {missing}")
     return {name: Factor.combine(fs) for name, fs in parts.items()}

@@ -375,7 +375,7 @@ class InvConv1x1Rule(Rule):
         self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
     ) -> dict[str, Factor]:
         (y, _), (g_y, g_det) = outputs, grads
-        g_w = torch.einsum("bchw,bdhw->bcd", g_y, inputs[0])
+        g_w = torch.bmm(g_y.flatten(2), inputs[0].flatten(2).transpose(1, 2))  # Σ_t b_t x_tᵀ
         lower = module.lower * module.lower_mask + module.eye
         upper = module.upper * module.lower_mask.T + torch.diag(module.sign_s * torch.exp(module.log_s))
         pl_t_g = (module.perm @ lower).T @ g_w  # ∂/∂U (full upper factor)
