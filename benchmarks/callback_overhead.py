@@ -4,8 +4,8 @@
         -- --data.root ../shared/data
 
 Runs ``train.py fit`` twice in subprocesses (the second with ``--trainer.callbacks=[]``), prints
-both wall times and their ratio, and the callback's own account of its seconds (tracking vs the
-end-of-training evaluation) from the run's output.
+both wall times and their ratio, the callback's own account of its seconds (tracking vs the
+end-of-training evaluation) and the OOD table from the run's output.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ def main() -> None:
     print(f"without callback: {without:.1f} s; with callback: {with_cb:.1f} s; ratio {with_cb / without:.3f}")
     account = re.search(r"FIMNormCallback took .*", log)
     print(account.group(0) if account else "(no account line in the output)")
+    table = re.search(r"FIM-norm OOD detection.*?\n(.*?)\nwritten to", log, re.S)
+    print(table.group(1) if table else "(no OOD table in the output)")
 
 
 if __name__ == "__main__":
