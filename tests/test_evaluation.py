@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -22,7 +22,7 @@ from fimcb.scoring import ScoringOptions
 def _sklearn_metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
     scores = np.concatenate([s_in, s_out])
     is_ood = np.concatenate([np.zeros(len(s_in)), np.ones(len(s_out))])
-    fpr, tpr, _ = roc_curve(1 - is_ood, -scores)
+    fpr, tpr, _ = roc_curve(1 - is_ood, -scores, drop_intermediate=False)  # keep collinear points
     return {
         "auroc": roc_auc_score(is_ood, scores),
         "aupr_in": average_precision_score(1 - is_ood, -scores),
@@ -38,6 +38,7 @@ score_arrays = st.lists(
 
 @settings(max_examples=60, deadline=None)
 @given(s_in=score_arrays, s_out=score_arrays, scale=st.sampled_from([1e-3, 1.0, 1e4]))
+@example(s_in=[0.0] * 18 + [1.0, 2.0], s_out=[1.0, 2.0], scale=1e-3)  # 95 % of ID exactly at a tie
 def test_metrics_equal_sklearn_including_ties_and_huge_scores(s_in, s_out, scale) -> None:
     a, b = np.array(s_in) * scale, np.array(s_out) * scale
     ours = ood_metrics(torch.tensor(a), torch.tensor(b))
