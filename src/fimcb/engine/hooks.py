@@ -7,8 +7,11 @@ output gradients (no weight gradients are computed at all). Modules with a rule 
 get their own parameters' per-sample gradients from ``torch.func`` applied to that module alone.
 
 The first time a model is seen, the per-sample gradients summed over the batch are compared with
-autograd's batch gradient; a parameter used outside its module's ``forward`` (which hooks cannot
-see) fails that check and the model is reported unsupported, so ``auto`` picks another backend.
+autograd's batch gradient. If they disagree, the batch is captured again with each hooked output
+copied (a later in-place operation such as ``ReLU(inplace=True)`` would otherwise overwrite the
+tensor whose gradient is taken); if they still disagree, a parameter is used outside its
+module's ``forward`` (which hooks cannot see) and the model is reported unsupported, so ``auto``
+picks another backend.
 """
 
 from __future__ import annotations
