@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
+from fimcb.engine import Engine, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
@@ -101,6 +101,7 @@ class FIMNormCallback(Callback):
         self.seed = seed
         self.output_file = output_file
         self.probe_indices: dict[str, list[int]] = {}
+        self._probe_inputs: dict[tuple[str, int], Tensor] = {}  # collated once: augmentations stay fixed
         self.last_tracked_step = -1
         self.result: OODResult | None = None
         # Wall-clock seconds spent in this callback, so its cost relative to training is visible.
@@ -157,7 +158,7 @@ class FIMNormCallback(Callback):
         if self.n_val_probe and loaders is not None:
             self._track(trainer, pl_module, split, self._probe(trainer, split, loaders, self.n_val_probe))
 
-    def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> LayerNorms:
+    def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> None:
         start = time.perf_counter()
         with _isolated_rng(pl_module.device):
             norms = per_sample_layer_norms(
@@ -171,16 +172,19 @@ class FIMNormCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.seconds["tracking"] += time.perf_counter() - start
-        return norms
 
     def _probe(self, trainer: L.Trainer, split: str, loaders: Any, n: int) -> Tensor:
-        """The fixed probe inputs of ``split``: the same samples at every event, and after a resume."""
+        """The fixed probe inputs of ``split``: the same samples at every event, and after a resume
+        (the indices are in the callback's state), collated once per dataset."""
         loader = loaders[0] if isinstance(loaders, Sequence) else loaders
         if not isinstance(loader, DataLoader):
             raise TypeError(
                 f"FIMNormCallback needs a DataLoader for the {split} split, got {type(loader).__name__}"
             )
         dataset: Dataset = loader.dataset
+        key = (split, id(dataset))
+        if key in self._probe_inputs:
+            return self._probe_inputs[key]
         size = len(dataset)  # type: ignore[arg-type]
         if split not in self.probe_indices:
             generator = torch.Generator().manual_seed(self.seed)
@@ -190,6 +194,7 @@ class FIMNormCallback(Callback):
             raise ValueError(f"FIMNormCallback: the {split} dataset is empty: nothing to probe")
         collate = loader.collate_fn or default_collate
         x, _ = unpack_batch(collate([dataset[i] for i in indices]))
+        self._probe_inputs[key] = x
         return x
 
     # ---- end of training -------------------------------------------------------------------
