@@ -7,7 +7,7 @@ import logging
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Literal, get_args
 
 import torch
@@ -17,14 +17,13 @@ from fimcb.engine.func import func_layer_norms
 from fimcb.engine.hooks import hooks_layer_norms
 from fimcb.engine.loop import loop_layer_norms
 from fimcb.engine.rules.norm import SamplesInteractError, check_batchnorm
-from fimcb.engine.types import LayerNorms
+from fimcb.engine.types import Backend, LayerNorms, NormRequest
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
 
 log = logging.getLogger("fimcb")
 
 Engine = Literal["auto", "hooks", "func", "loop"]
-Backend = Callable[..., tuple[Tensor, Tensor]]
 BACKENDS: dict[str, Backend] = {
     "hooks": hooks_layer_norms,
     "func": func_layer_norms,
@@ -34,7 +33,7 @@ BACKENDS: dict[str, Backend] = {
 # fastest; the last one (the loop) is used only when the others cannot handle the model.
 AUTO_ORDER: tuple[str, ...] = ("hooks", "func", "loop")
 
-# Memory the func backend may give to per-sample gradients at once (floats: grads + workspace).
+# Memory per chunk of groups that a backend may give to per-sample gradients (grads + workspace).
 DEFAULT_MEMORY_BUDGET = 1 << 30
 MAX_CHUNK = 128
 
@@ -122,9 +121,10 @@ def per_sample_layer_norms(
             f"of group_size {group_size}",
             stacklevel=2,
         )
-    ll_fn = resolve_log_likelihood(model, log_likelihood)
-    metric = resolve_metric(metric)
     params = trainable_parameters(model)
+    request = NormRequest(
+        model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(metric)
+    )
     chunk = chunk_size or default_chunk_size(params)
     device = next(iter(params.values())).device
     with eval_mode(model), grad_enabled():
@@ -133,21 +133,16 @@ def per_sample_layer_norms(
                 check_batchnorm(module)  # batch statistics even in eval mode: samples interact
         xs = x.clone() if x.is_inference() else x
         groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
-        values, ll = _run(engine, model, ll_fn, params, groups, metric, chunk)
+        values, ll = _run(engine, request, groups, chunk)
     return LayerNorms(values=values.detach(), names=tuple(params), log_likelihood=ll.detach())
 
 
-def _run(
-    engine: Engine,
-    model: nn.Module,
-    ll_fn: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    groups: Tensor,
-    metric: Metric,
-    chunk: int,
-) -> tuple[Tensor, Tensor]:
+def _run(engine: Engine, request: NormRequest, groups: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    model = request.model
+
     def backend(name: str) -> tuple[Tensor, Tensor]:
-        return BACKENDS[name](model, ll_fn, params, groups, metric, chunk)
+        parts = [BACKENDS[name](request, groups[s : s + chunk]) for s in range(0, groups.shape[0], chunk)]
+        return torch.cat([v for v, _ in parts]), torch.cat([ll for _, ll in parts])
 
     if engine != "auto":
         return backend(engine)

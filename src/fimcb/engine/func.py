@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fimcb.metrics import Metric
+from fimcb.engine.types import NormRequest
 from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
 
 
@@ -22,31 +22,20 @@ class _Bound(nn.Module):
         return self._log_likelihood(x)
 
 
-def func_layer_norms(
-    model: nn.Module,
-    log_likelihood: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    groups: Tensor,
-    metric: Metric,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+def func_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
     """Per-group squared norms ``[G, L]`` and summed log-likelihoods ``[G]`` for ``groups`` ``[G, k, ...]``.
 
     Each group's gradient is taken with respect to detached copies of the parameters, so the
     model's own ``.grad`` fields are never touched.
     """
-    bound = _Bound(model, log_likelihood)
-    detached = {f"model.{name}": p.detach() for name, p in params.items()}
+    bound = _Bound(request.model, request.log_likelihood)
+    detached = {f"model.{name}": p.detach() for name, p in request.params.items()}
 
     def group_log_likelihood(p: dict[str, Tensor], xg: Tensor) -> tuple[Tensor, Tensor]:
         ll = check_log_likelihood_output(functional_call(bound, p, (xg,)), xg.shape[0])
         total = ll.sum()
         return total, total
 
-    per_group = vmap(grad(group_log_likelihood, has_aux=True), in_dims=(None, 0))
-    rows, lls = [], []
-    for start in range(0, groups.shape[0], chunk_size):
-        grads, ll = per_group(detached, groups[start : start + chunk_size])
-        rows.append(torch.stack([metric.squared_norms(n, grads[f"model.{n}"]) for n in params], dim=1))
-        lls.append(ll.detach())
-    return torch.cat(rows), torch.cat(lls)
+    grads, ll = vmap(grad(group_log_likelihood, has_aux=True), in_dims=(None, 0))(detached, groups)
+    norms = [request.metric.squared_norms(n, grads[f"model.{n}"]) for n in request.params]
+    return torch.stack(norms, dim=1), ll.detach()

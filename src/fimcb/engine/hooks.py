@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import RULES, Rule, rule_for
-from fimcb.metrics import Metric
-from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
+from fimcb.engine.types import NormRequest
+from fimcb.protocol import check_log_likelihood_output
 
 log = logging.getLogger("fimcb")
 
@@ -123,62 +123,34 @@ def _capture(
             handle.remove()
 
 
-def hooks_layer_norms(
-    model: nn.Module,
-    log_likelihood: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    groups: Tensor,
-    metric: Metric,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+def hooks_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`fimcb.engine.func.func_layer_norms`."""
+    model, params = request.model, request.params
     plan = _Plan.of(model, params)
-    rows, lls = [], []
-    for start in range(0, groups.shape[0], chunk_size):
-        values, ll = _chunk(model, log_likelihood, params, plan, groups[start : start + chunk_size], metric)
-        rows.append(values)
-        lls.append(ll)
-    return torch.cat(rows), torch.cat(lls)
-
-
-def _chunk(
-    model: nn.Module,
-    log_likelihood: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    plan: _Plan,
-    groups: Tensor,
-    metric: Metric,
-) -> tuple[Tensor, Tensor]:
     n_groups, k = groups.shape[:2]
     x = groups.flatten(0, 1)
     if model in _VERIFIED:
-        factors, ll = _capture_factors(model, log_likelihood, params, plan, x, _VERIFIED[model], verify=False)
+        factors, ll = _capture_factors(request, plan, x, _VERIFIED[model], verify=False)
     else:  # first batch of this model: check against autograd, with copies if in-place ops spoil it
         try:
-            factors, ll = _capture_factors(model, log_likelihood, params, plan, x, False, verify=True)
+            factors, ll = _capture_factors(request, plan, x, False, verify=True)
         except _SumMismatch:
-            factors, ll = _capture_factors(model, log_likelihood, params, plan, x, True, verify=True)
+            factors, ll = _capture_factors(request, plan, x, True, verify=True)
     norms = []
     for name, p in params.items():
         factor = factors[name].groups(k) if k > 1 else factors[name]
-        norms.append(factor.squared_norms(name, metric, p.shape))
+        norms.append(factor.squared_norms(name, request.metric, p.shape))
     return torch.stack(norms, dim=1).detach(), ll.detach().reshape(n_groups, k).sum(1)
 
 
 def _capture_factors(
-    model: nn.Module,
-    log_likelihood: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    plan: _Plan,
-    x: Tensor,
-    copy_outputs: bool,
-    verify: bool,
+    request: NormRequest, plan: _Plan, x: Tensor, copy_outputs: bool, verify: bool
 ) -> tuple[dict[str, Factor], Tensor]:
     """One forward with hooks and one backward to the captured outputs; per-sample factors."""
     with _capture(plan.owners, copy_outputs) as calls:
-        ll = check_log_likelihood_output(log_likelihood(x), x.shape[0])
+        ll = check_log_likelihood_output(request.log_likelihood(x), x.shape[0])
     outputs = [t for module_calls in calls.values() for c in module_calls for t in c.outputs]
-    targets = outputs + (list(params.values()) if verify else [])
+    targets = outputs + (list(request.params.values()) if verify else [])
     grads = torch.autograd.grad(ll.sum(), targets, allow_unused=True)
     position = 0
     for module_calls in calls.values():
@@ -187,9 +159,9 @@ def _capture_factors(
             position += len(c.outputs)
     factors = _factors(plan, calls, x.shape[0])
     if verify:
-        _verify(factors, params, grads[len(outputs) :], copy_outputs)
-        _VERIFIED[model] = copy_outputs
-        log.info("fimcb hooks engine on %s: %s", type(model).__name__, plan.describe())
+        _verify(factors, request.params, grads[len(outputs) :], copy_outputs)
+        _VERIFIED[request.model] = copy_outputs
+        log.info("fimcb hooks engine on %s: %s", type(request.model).__name__, plan.describe())
     return factors, ll
 
 

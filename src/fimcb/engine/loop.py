@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fimcb.metrics import Metric
-from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
+from fimcb.engine.types import NormRequest
+from fimcb.protocol import check_log_likelihood_output
 
 
-def loop_layer_norms(
-    model: nn.Module,
-    log_likelihood: LogLikelihoodFn,
-    params: dict[str, nn.Parameter],
-    groups: Tensor,
-    metric: Metric,
-    chunk_size: int,
-) -> tuple[Tensor, Tensor]:
+def loop_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`fimcb.engine.func.func_layer_norms`, one group at a time."""
-    del chunk_size  # one group per pass already bounds memory
-    names, tensors = list(params), list(params.values())
+    names, tensors = list(request.params), list(request.params.values())
     rows, lls = [], []
     for xg in groups:
-        total = check_log_likelihood_output(log_likelihood(xg), xg.shape[0]).sum()
+        total = check_log_likelihood_output(request.log_likelihood(xg), xg.shape[0]).sum()
         grads = torch.autograd.grad(total, tensors, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads, strict=True)]
-        norms = [metric.squared_norms(n, g.unsqueeze(0)) for n, g in zip(names, grads, strict=True)]
+        norms = [request.metric.squared_norms(n, g.unsqueeze(0)) for n, g in zip(names, grads, strict=True)]
         rows.append(torch.stack(norms, dim=1))
         lls.append(total.detach().reshape(1))
     return torch.cat(rows), torch.cat(lls)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from fimcb.metrics import Metric
 
 # Smallest squared norm taken before the log, so that an exactly-zero gradient gives a finite feature.
 LOG_FLOOR = 1e-30
@@ -86,3 +88,19 @@ class LayerNorms:
             log_likelihood=torch.cat([p.log_likelihood for p in parts]),
             ids=torch.cat([p.ids for p in parts]) if has_ids else None,  # type: ignore[misc]
         )
+
+
+@dataclass(frozen=True)
+class NormRequest:
+    """What every backend is asked: per-group squared norms of ``log_likelihood``'s gradient with
+    respect to ``params`` (trainable parameters of ``model`` by name), under ``metric``."""
+
+    model: nn.Module
+    log_likelihood: Callable[[Tensor], Tensor]
+    params: dict[str, nn.Parameter]
+    metric: Metric
+
+
+# A backend maps a request and groups ``[G, k, ...]`` to squared norms ``[G, L]`` and summed
+# log-likelihoods ``[G]``; the caller splits large batches into chunks.
+Backend = Callable[[NormRequest, Tensor], tuple[Tensor, Tensor]]
