@@ -17,11 +17,11 @@ from fimcb.models.glow import (
     FlowStep,
     Glow,
     InvConv1x1,
-    content_noise,
     gaussian_log_prob,
     squeeze2x2,
     unsqueeze2x2,
 )
+from fimcb.models.noise import content_noise
 
 TINY = {"image_shape": (1, 8, 8), "num_levels": 17, "n_levels": 2, "n_steps": 2, "hidden_channels": 8}
 

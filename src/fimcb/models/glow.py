@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import Rule, register_rule
 from fimcb.models.base import ImageLikelihoodModel
+from fimcb.models.noise import content_noise
 
-_MASK32 = 0xFFFFFFFF
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -44,32 +44,6 @@ def gaussian_log_prob(z: Tensor, mean: Tensor | float = 0.0, log_std: Tensor | f
     log_std = torch.as_tensor(log_std, dtype=z.dtype, device=z.device)
     log_p = -0.5 * (_LOG_2PI + ((z - mean) * torch.exp(-log_std)) ** 2) - log_std
     return log_p.flatten(1).sum(1)
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """``x * c mod 2**32`` for 32-bit values in int64, split in 16-bit halves so nothing overflows."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
-
-
-def lowbias32(x: Tensor) -> Tensor:
-    """The "lowbias32" integer hash, applied elementwise to 32-bit values held in an int64 tensor."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def content_noise(levels: Tensor) -> Tensor:
-    """Pseudo-uniform noise in ``[0, 1)`` shaped like ``levels`` (int64 ``[B, ...]``), a function of each
-    sample's own levels only: a per-sample hash of all its (position, level) pairs, mixed with each
-    pixel's position. Vectorised and RNG-free, so it works under ``torch.func.vmap``."""
-    sample_shape = levels.shape[1:]
-    position = torch.arange(math.prod(sample_shape), device=levels.device).reshape(sample_shape)
-    cell = lowbias32((lowbias32(position ^ 0x68E31DA4) + levels) & _MASK32)
-    seed = lowbias32(cell.flatten(1).sum(1) & _MASK32)
-    bits = lowbias32(seed.reshape((-1,) + (1,) * len(sample_shape)) ^ lowbias32(position ^ 0x1B56C4E9))
-    return (bits >> 8).to(torch.float32) * 2.0**-24
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -235,7 +209,7 @@ class Glow(ImageLikelihoodModel):
         n_steps: flow steps per scale.
         hidden_channels: width of the coupling networks.
         sample_temperature: standard-deviation multiplier of the priors when sampling.
-        lr, warmup_steps, n_samples: see :class:`ImageLikelihoodModel`.
+        lr, warmup_steps, weight_decay, n_samples: see :class:`~fimcb.models.base.LikelihoodModule`.
     """
 
     def __init__(
@@ -248,6 +222,7 @@ class Glow(ImageLikelihoodModel):
         sample_temperature: float = 0.7,
         lr: float = 1e-3,
         warmup_steps: int = 200,
+        weight_decay: float = 0.0,
         n_samples: int = 64,
     ) -> None:
         super().__init__(
@@ -255,6 +230,7 @@ class Glow(ImageLikelihoodModel):
             num_levels=num_levels,
             lr=lr,
             warmup_steps=warmup_steps,
+            weight_decay=weight_decay,
             n_samples=n_samples,
         )
         self.save_hyperparameters()
@@ -335,10 +311,6 @@ class Glow(ImageLikelihoodModel):
         on the log-probability of the discrete images ``x`` (in ``[0, 1]``)."""
         _, log_density = self.encode(self.dequantize(x) - 0.5)
         return log_density - self.num_dims * math.log(self.num_levels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Same as :meth:`log_likelihood`, so ``torch.func.functional_call(model, params, (x,))`` works."""
-        return self.log_likelihood(x)
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
