@@ -93,7 +93,7 @@ def test_fashionmnist_config_on_real_data(tmp_path: Path, data_root: Path) -> No
     )
     assert cli.model.image_shape == (1, 28, 28) and cli.model.num_levels == 256
     metrics = _metrics(Path(cli.trainer.log_dir))
-    assert list(metrics) == ["mnist", "vflip", "noise"]
+    assert list(metrics) == ["mnist", "hflip", "vflip", "noise", "constant"]
     assert all(0 <= v <= 1 for m in metrics["mnist"].values() for v in m.values())
 
 

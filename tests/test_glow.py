@@ -11,13 +11,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
+from fimcb.models.distributions import gaussian_log_prob
 from fimcb.models.glow import (
     ActNorm,
     AffineCoupling,
     FlowStep,
     Glow,
     InvConv1x1,
-    gaussian_log_prob,
     squeeze2x2,
     unsqueeze2x2,
 )

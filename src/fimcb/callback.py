@@ -22,7 +22,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from fimcb.engine import Engine, per_sample_layer_norms
+from fimcb.distributed import score_sharded
+from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
@@ -160,15 +161,21 @@ class FIMNormCallback(Callback):
 
     def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> None:
         start = time.perf_counter()
-        with _isolated_rng(pl_module.device):
-            norms = per_sample_layer_norms(
+        k = self.options.group_size
+
+        def score(units: list[int]) -> LayerNorms:
+            positions = torch.as_tensor([u * k + i for u in units for i in range(k)], device=x.device)
+            return per_sample_layer_norms(
                 pl_module,
-                x,
-                group_size=self.options.group_size,
+                x[positions],
+                group_size=k,
                 engine=self.options.engine,
                 chunk_size=self.options.chunk_size,
-            )
-        metrics = summarize(norms.cpu(), f"fim/{prefix}", self.quantiles, self.log_per_layer)
+            ).cpu()
+
+        with _isolated_rng(pl_module.device):
+            norms = score_sharded(len(x) // k, score)  # split across DDP ranks, gathered on each
+        metrics = summarize(norms, f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.seconds["tracking"] += time.perf_counter() - start
@@ -224,8 +231,8 @@ class FIMNormCallback(Callback):
         }
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=trainer.global_step)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: on every rank
         if trainer.is_global_zero:
-            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
             path = result.save(out_dir / self.output_file)
             torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
             total = time.perf_counter() - self._fit_start

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from fimcb.distributed import rank_and_world, score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.metrics import Metric
 from fimcb.protocol import LogLikelihoodFn, unpack_batch
+
+# Batch size of the per-rank loaders when the original loader has none (it used a batch sampler).
+DEFAULT_BATCH_SIZE = 256
 
 
 class EmptyLoaderError(ValueError):
@@ -55,7 +60,58 @@ def layer_norms_over(
     Groups run across batch boundaries; at most ``options.max_samples`` samples are used. Rows carry
     the batch's sample ids (the first of each group), or running positions when the batch has none.
     ``input_shape`` (per-sample shape) makes a mismatched loader fail with a clear message.
+
+    Inside an initialised ``torch.distributed`` process group (every rank must call this), a
+    DataLoader over a map-style dataset is split by groups across the ranks and the rows are
+    gathered back in order (see :mod:`fimcb.distributed`): every rank returns the single-process
+    result. Other iterables are scored whole on every rank.
     """
+    dataset = getattr(loader, "dataset", None)
+    if rank_and_world()[1] == 1 or not isinstance(loader, DataLoader) or not _is_map_style(dataset):
+        return _stream(model, loader, options, name, input_shape)
+    k = options.group_size
+    n = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
+    if n < k:
+        raise EmptyLoaderError(_empty_message(name, n, k))
+
+    def score(units: list[int]) -> LayerNorms:
+        positions = [u * k + i for u in units for i in range(k)]
+        shard = DataLoader(
+            Subset(dataset, positions),
+            batch_size=loader.batch_size or DEFAULT_BATCH_SIZE,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        local_options = replace(options, max_samples=None)
+        return _stream(model, shard, local_options, name, input_shape, torch.as_tensor(positions))
+
+    return score_sharded(n // k, score)
+
+
+def _is_map_style(dataset: Any) -> bool:
+    """Whether ``dataset`` can be indexed and sized, so that ranks can take their shares of it."""
+    return not isinstance(dataset, IterableDataset) and all(
+        hasattr(dataset, attribute) for attribute in ("__getitem__", "__len__")
+    )
+
+
+def _empty_message(name: str, seen: int, group_size: int) -> str:
+    return (
+        f"{name}: the loader yielded {seen} samples, fewer than one group of {group_size}; "
+        "check the dataset is not empty and its size options"
+    )
+
+
+def _stream(
+    model: nn.Module,
+    loader: Iterable[Any],
+    options: ScoringOptions,
+    name: str,
+    input_shape: tuple[int, ...] | None,
+    positions: Tensor | None = None,
+) -> LayerNorms:
+    """Score ``loader`` in this process; ``positions`` (one per sample) are the ids of batches without
+    ids (default: running positions)."""
     group_size, max_samples = options.group_size, options.max_samples
     pending_x: list[Tensor] = []
     pending_ids: list[Tensor] = []
@@ -79,7 +135,7 @@ def layer_norms_over(
             x = x[: max_samples - seen]
             ids = None if ids is None else ids[: max_samples - seen]
         if ids is None:
-            ids = torch.arange(seen, seen + len(x))
+            ids = torch.arange(seen, seen + len(x)) if positions is None else positions[seen : seen + len(x)]
         pending_x.append(x)
         pending_ids.append(ids.cpu())
         seen += len(x)
@@ -109,10 +165,7 @@ def layer_norms_over(
             break
     bar.close()
     if not parts:
-        raise EmptyLoaderError(
-            f"{name}: the loader yielded {seen} samples, fewer than one group of {group_size}; "
-            "check the dataset is not empty and its size options"
-        )
+        raise EmptyLoaderError(_empty_message(name, seen, group_size))
     return LayerNorms.cat(parts)
 
 

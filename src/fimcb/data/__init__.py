@@ -1,4 +1,5 @@
-"""Image data for likelihood models: datasets by name, deterministic splits, OOD sets, a datamodule."""
+"""Data for likelihood models: image datasets by name, deterministic splits and OOD sets, and token
+sequences (modular arithmetic, character-level text), each behind a Lightning datamodule."""
 
 from fimcb.data.datamodule import ImageDataModule, ImageSplit
 from fimcb.data.datasets import (
@@ -17,14 +18,18 @@ from fimcb.data.ood import (
     sample_patches,
     valid_ood_names,
 )
+from fimcb.data.sequences import CharTextDataModule, ModularArithmeticDataModule, SequenceDataModule
 from fimcb.data.splits import subset_indices, train_val_indices
 
 __all__ = [
     "DATASET_NAMES",
     "OOD_TRANSFORMS",
+    "CharTextDataModule",
     "DatasetInfo",
     "ImageDataModule",
     "ImageSplit",
+    "ModularArithmeticDataModule",
+    "SequenceDataModule",
     "canonical_name",
     "dataset_info",
     "default_ood",

@@ -65,16 +65,22 @@ class LikelihoodModule(L.LightningModule):
         """Same as :meth:`log_likelihood`, so ``torch.func.functional_call(model, params, (x,))`` works."""
         return self.log_likelihood(x)
 
+    def likelihood_and_metrics(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The per-sample log-likelihood and extra scalars to log per split (for example an accuracy),
+        from one forward pass; override to add metrics."""
+        return self.log_likelihood(x), {}
+
     def _step(self, batch: Any, split: str) -> Tensor:
         x, _ = unpack_batch(batch)
-        ll = self.log_likelihood(x)
+        ll, extra = self.likelihood_and_metrics(x)
         loss = -ll.mean()
-        on_step = split == "train"
-        self.log(f"{split}/nll", loss, on_step=on_step, on_epoch=True, batch_size=len(x))
-        self.log(
-            f"{split}/{self.unit}", self.per_dim(ll).mean(), prog_bar=True, on_step=on_step, on_epoch=True,
-            batch_size=len(x),
-        )
+        # Training logs per step (rank zero's batch); validation and test average over all DDP ranks.
+        train = split == "train"
+        options = {"on_step": train, "on_epoch": True, "sync_dist": not train, "batch_size": len(x)}
+        self.log(f"{split}/nll", loss, **options)
+        self.log(f"{split}/{self.unit}", self.per_dim(ll).mean(), prog_bar=True, **options)
+        for name, value in extra.items():
+            self.log(f"{split}/{name}", value, **options)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -165,13 +171,33 @@ class ImageLikelihoodModel(LikelihoodModule):
 
 def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
     """Log a ``[C, H, W]`` image in ``[0, 1]`` to every logger that takes images, and as a PNG file."""
+    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
     if trainer.is_global_zero:
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger
                 logger.log_image(key=key, images=[image], step=step)
             elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
                 logger.experiment.add_image(key, image, global_step=step)
-        if trainer.log_dir is not None:
-            path = Path(trainer.log_dir) / "images" / f"{key}_step{step:07d}.png"
+        if log_dir is not None:
+            path = Path(log_dir) / "images" / f"{key}_step{step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_image(image, path)
+
+
+def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
+    """Log lines of text to every logger that takes text (W&B table, TensorBoard) and as a text file."""
+    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_text"):  # WandbLogger
+            logger.log_text(key=key, columns=["step", "sample"], data=[[step, text] for text in texts])
+        elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoardLogger
+            body = "\n".join(f"    {line}" for text in texts for line in text.splitlines() or [""])
+            logger.experiment.add_text(key, body, global_step=step)  # indented: shown verbatim
+    if log_dir is not None:
+        path = Path(log_dir) / "samples" / f"{key}_step{step:07d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        multiline = any("\n" in text for text in texts)
+        separator = "\n" + "-" * 40 + "\n" if multiline else "\n"  # one line per sample where possible
+        path.write_text(separator.join(texts) + "\n", encoding="utf-8")

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fimcb.distributed import all_reduce_sum
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import Rule, register_rule
 from fimcb.models.base import ImageLikelihoodModel
+from fimcb.models.distributions import gaussian_log_prob
 from fimcb.models.noise import content_noise
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def squeeze2x2(x: Tensor) -> Tensor:
@@ -37,13 +37,6 @@ def unsqueeze2x2(x: Tensor) -> Tensor:
     b, c, h, w = x.shape
     x = x.reshape(b, c // 4, 2, 2, h, w)
     return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c // 4, 2 * h, 2 * w)
-
-
-def gaussian_log_prob(z: Tensor, mean: Tensor | float = 0.0, log_std: Tensor | float = 0.0) -> Tensor:
-    """``log N(z; mean, exp(log_std)²)`` summed over all but the batch dimension, shape ``[B]``."""
-    log_std = torch.as_tensor(log_std, dtype=z.dtype, device=z.device)
-    log_p = -0.5 * (_LOG_2PI + ((z - mean) * torch.exp(-log_std)) ** 2) - log_std
-    return log_p.flatten(1).sum(1)
 
 
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -67,9 +60,11 @@ class ActNorm(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Set bias and scale so that ``x`` maps to zero mean and unit variance per channel."""
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        std = x.std(dim=(0, 2, 3), keepdim=True, correction=0)
+        """Set bias and scale so that ``x`` maps to zero mean and unit variance per channel; under DDP the
+        statistics are those of all ranks' batches together, so every replica starts identical."""
+        count = all_reduce_sum(x.new_tensor(float(x.shape[0] * x.shape[2] * x.shape[3])))
+        mean = all_reduce_sum(x.sum(dim=(0, 2, 3), keepdim=True)) / count
+        std = torch.sqrt(all_reduce_sum((x - mean).square().sum(dim=(0, 2, 3), keepdim=True)) / count)
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std + 1e-6))
         self.initialized.fill_(True)
