@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
+from fimcb.evaluation import load_features
 from fimcb.models import Glow
 
 OOD = ["sample_patches", "vflip", "noise"]
@@ -106,6 +107,12 @@ def test_fit_tracks_probes_and_writes_the_ood_evaluation(tmp_path: Path) -> None
     test_norms = callback.result.norms["test"]
     torch.testing.assert_close(restored.score(test_norms), callback.result.scores["test"]["fim_gaussian"])
     assert (Path(trainer.log_dir) / "images").is_dir()
+
+    features = load_features(Path(trainer.log_dir) / "ood_features.pt")
+    assert list(features) == ["fit", "test", *OOD]
+    for name, norms in callback.result.norms.items():
+        assert torch.equal(features[name].values, norms.values) and features[name].names == norms.names
+        assert torch.equal(features[name].ids, norms.ids)
 
 
 def _final_state(tmp_path: Path, with_callback: bool, **trainer_kwargs) -> tuple[dict, list]:

@@ -14,6 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 from toy_models import LinearFlow
 
 from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.analysis import layer_aurocs
 from fimcb.detectors import DETECTORS, FIMGaussian, NotFittedError, Typicality, build_detector
 from fimcb.evaluation import to_unit_interval
 from fimcb.scoring import ScoringOptions
@@ -186,3 +187,27 @@ def test_ood_evaluation_groups_ids_and_errors() -> None:
         evaluate_ood(model, empty, _loader(x), {"o": _loader(x)})
     with pytest.raises(ValueError, match=r"shape \[4\] but the model takes \[3\]"):
         evaluate_ood(model, _loader(x), _loader(x), {"wide": _loader(torch.randn(8, 4))})
+
+
+def test_layer_aurocs_match_sklearn_per_layer() -> None:
+    generator = torch.Generator().manual_seed(0)
+
+    def norms(n: int, shift: float) -> LayerNorms:
+        values = torch.exp(torch.randn(n, 3, generator=generator) + torch.tensor([shift, -shift, 0.0]))
+        return LayerNorms(values, ("a", "b", "c"), torch.zeros(n))
+
+    fit, test, ood = norms(200, 0.0), norms(150, 0.0), norms(120, 1.5)
+    result = layer_aurocs(fit, test, {"shifted": ood})["shifted"]
+    labels = [0] * len(test) + [1] * len(ood)
+    for j in range(3):
+        one = torch.cat([test.log_features()[:, j], ood.log_features()[:, j]])
+        assert float(result.one_sided[j]) == pytest.approx(roc_auc_score(labels, one.numpy()), abs=1e-6)
+        f = fit.log_features()[:, j]
+        two = ((one - f.mean()) / f.std()).abs()
+        assert float(result.two_sided[j]) == pytest.approx(roc_auc_score(labels, two.numpy()), abs=1e-6)
+    assert result.one_sided[0] > 0.6 and result.one_sided[1] < 0.4  # larger and smaller gradients
+    assert result.two_sided[0] > 0.55 and result.two_sided[1] > 0.55  # both caught two-sided
+    depth = result.by_depth(2)
+    assert [(r["first"], r["last"]) for r in depth] == [(0, 1), (2, 2)]
+    assert depth[0]["below_half"] == 1
+    assert result.best(1) == [("a", float(result.one_sided[0]))]

@@ -235,6 +235,7 @@ class FIMNormCallback(Callback):
         if trainer.is_global_zero:
             path = result.save(out_dir / self.output_file)
             torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
+            result.save_features(out_dir / "ood_features.pt")
             total = time.perf_counter() - self._fit_start
             rank_zero_info(
                 f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"

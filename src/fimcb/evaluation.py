@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,19 @@ class OODResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.metrics, indent=2, sort_keys=False))
         return path
+
+    def save_features(self, path: str | Path) -> Path:
+        """Write every set's per-sample layer norms (``fit``, ``test`` and each OOD set) with
+        ``torch.save`` as plain tensors and lists, for analysis without rescoring (:func:`load_features`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({name: asdict(norms) for name, norms in self.norms.items()}, path)
+        return path
+
+
+def load_features(path: str | Path) -> dict[str, LayerNorms]:
+    """The per-set layer norms written by :meth:`OODResult.save_features`."""
+    return {name: LayerNorms(**fields) for name, fields in torch.load(path, weights_only=True).items()}
 
 
 def format_table(metrics: Metrics) -> str:

@@ -44,6 +44,8 @@ def _per_sample_weight_grads(
 # measured once, since no operation count predicts library kernels (a grouped convolution is
 # fast at stride 1 and slow at stride 2 on CPU, for instance).
 _ROUTES: dict[tuple[Any, ...], str] = {}
+# Skip timing the ghost norm where its operation count exceeds materialising's by this factor.
+GHOST_MAX_RATIO = 8
 
 
 def _fastest(key: tuple[Any, ...], shape: torch.Size, candidates: dict[str, Callable[[], Factor]]) -> Factor:
@@ -72,15 +74,18 @@ def _weight_factor(
         module.padding,
         module.dilation,
     )
-    return _fastest(
-        key,
-        module.weight.shape,
-        {
-            "ghost": lambda: OuterSum(u, unfold_v(), route="ghost"),
-            "unfold": lambda: OuterSum(u, unfold_v(), route="dense"),
-            "grouped": lambda: Dense(grouped()),
-        },
-    )
+    candidates: dict[str, Callable[[], Factor]] = {
+        "ghost": lambda: OuterSum(u, unfold_v(), route="ghost"),
+        "unfold": lambda: OuterSum(u, unfold_v(), route="dense"),
+        "grouped": lambda: Dense(grouped()),
+    }
+    # The ghost norm costs ~T²(d_u + d_v) per sample against ~T·d_u·d_v for materialising: at many
+    # positions T it cannot win, and even timing it once is slow (seconds at 32x32 and up).
+    positions, d_u = u.shape[1], u.shape[2]
+    d_v = module.weight.numel() // d_u
+    if positions * (d_u + d_v) > GHOST_MAX_RATIO * d_u * d_v:
+        del candidates["ghost"]
+    return _fastest(key, module.weight.shape, candidates)
 
 
 def _unfold(x: Tensor, module: nn.Module) -> Tensor:

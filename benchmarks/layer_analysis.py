@@ -1,0 +1,83 @@
+"""Which layers carry the OOD decision of a finished run: single-layer AUROCs, by depth and best layers.
+
+    OMP_NUM_THREADS=1 python benchmarks/layer_analysis.py runs/zoo/glow/version_0 --data.root ../shared/data
+
+Reads the run's ``ood_features.pt`` (written by ``FIMNormCallback``); for runs without it, rebuilds
+model and data from the run's ``config.yaml``, loads its last checkpoint and rescores the callback's
+evaluation sets (fit = validation, in-distribution = test, at most the callback's ``max_eval_samples``
+per set), writing ``ood_features.pt`` for next time. Prints, per OOD set, the AUROC of the paper's
+detector and of ``total_norm``, and the single-layer AUROCs (one-sided: larger gradient = OOD;
+two-sided: distance from the fit set's mean) averaged over depth quarters, with the best layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from fimcb.analysis import layer_aurocs
+from fimcb.cli import FIMCLI
+from fimcb.engine import LayerNorms
+from fimcb.evaluation import fit_and_score, load_features, ood_evaluation
+from fimcb.scoring import ScoringOptions
+
+
+def rescore(run_dir: Path, overrides: list[str]) -> dict[str, LayerNorms]:
+    """Rebuild the run from its config and last checkpoint and score its evaluation sets again."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = {k: v for k, v in config.items() if k in ("seed_everything", "trainer", "model", "data")}
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        yaml.safe_dump(config, file)
+        file.flush()
+        cli = FIMCLI(run=False, args=["--config", file.name, *overrides])
+    checkpoint = sorted((run_dir / "checkpoints").glob("*.ckpt"))[-1]
+    cli.model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback")
+    dm = cli.datamodule
+    dm.setup("fit")
+    dm.setup("test")
+    options = ScoringOptions(
+        group_size=callback.options.group_size, max_samples=callback.options.max_samples, progress=True
+    )
+    result = ood_evaluation(
+        cli.model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(), options=options
+    )
+    result.save_features(run_dir / "ood_features.pt")
+    return result.norms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--bins", type=int, default=4, help="depth groups")
+    parser.add_argument("overrides", nargs="*", help="train.py options for rescoring, e.g. --data.root PATH")
+    args, unknown = parser.parse_known_args()
+    path = args.run_dir / "ood_features.pt"
+    norms = load_features(path) if path.exists() else rescore(args.run_dir, args.overrides + unknown)
+    fit, test = norms.pop("fit"), norms.pop("test")
+    result = fit_and_score(fit, test, norms, ["fim_gaussian", "total_norm", "typicality"])
+    print(f"run: {args.run_dir}; {len(fit.names)} layers; fit {len(fit)}, test {len(test)} samples")
+    for name, aurocs in layer_aurocs(fit, test, norms).items():
+        summary = ", ".join(f"{m} {v['auroc']:.3f}" for m, v in result.metrics[name].items())
+        print(f"\n## {name}: {summary}")
+        below = int((aurocs.one_sided < 0.5).sum())
+        print(f"layers whose gradient is smaller on {name} than on test (one-sided AUROC < 0.5): {below}")
+        print("| layers | mean one-sided AUROC | mean two-sided AUROC | one-sided < 0.5 |")
+        print("|---|---|---|---|")
+        for row in aurocs.by_depth(args.bins):
+            print(
+                f"| {row['first']}-{row['last']} | {row['one_sided']:.3f} | {row['two_sided']:.3f} | "
+                f"{row['below_half']} |"
+            )
+        best = ", ".join(f"{n} {v:.3f}" for n, v in aurocs.best(3, two_sided=True))
+        print(f"best single layers (two-sided): {best}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
