@@ -5,9 +5,15 @@
 Reads the run's ``ood_features.pt`` (written by ``FIMNormCallback``); for runs without it, rebuilds
 model and data from the run's ``config.yaml``, loads its last checkpoint and rescores the callback's
 evaluation sets (fit = validation, in-distribution = test, at most the callback's ``max_eval_samples``
-per set), writing ``ood_features.pt`` for next time. Prints, per OOD set, the AUROC of the paper's
-detector and of ``total_norm``, and the single-layer AUROCs (one-sided: larger gradient = OOD;
-two-sided: distance from the fit set's mean) averaged over depth quarters, with the best layers.
+per set), writing ``ood_features.pt`` for next time. ``--features other.pt`` plus overrides rescores
+the same weights another way, e.g. the diffusion model's simplified score:
+
+    python benchmarks/layer_analysis.py runs/zoo/diffusion/version_0 --features simple.pt \\
+        --model.init_args.likelihood simple --data.root ../shared/data
+
+Prints, per OOD set, the AUROC of the paper's detector, ``total_norm`` and ``typicality``, and the
+single-layer AUROCs (one-sided: larger gradient = OOD; two-sided: distance from the fit set's mean)
+averaged over depth groups, with the best layers.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from fimcb.evaluation import fit_and_score, load_features, ood_evaluation
 from fimcb.scoring import ScoringOptions
 
 
-def rescore(run_dir: Path, overrides: list[str]) -> dict[str, LayerNorms]:
+def rescore(run_dir: Path, overrides: list[str], path: Path) -> dict[str, LayerNorms]:
     """Rebuild the run from its config and last checkpoint and score its evaluation sets again."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config = {k: v for k, v in config.items() if k in ("seed_everything", "trainer", "model", "data")}
@@ -47,7 +53,7 @@ def rescore(run_dir: Path, overrides: list[str]) -> dict[str, LayerNorms]:
     result = ood_evaluation(
         cli.model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(), options=options
     )
-    result.save_features(run_dir / "ood_features.pt")
+    result.save_features(path)
     return result.norms
 
 
@@ -55,10 +61,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--bins", type=int, default=4, help="depth groups")
+    parser.add_argument(
+        "--features",
+        default="ood_features.pt",
+        help="features file in the run directory; rescored (with the overrides) when missing",
+    )
     parser.add_argument("overrides", nargs="*", help="train.py options for rescoring, e.g. --data.root PATH")
     args, unknown = parser.parse_known_args()
-    path = args.run_dir / "ood_features.pt"
-    norms = load_features(path) if path.exists() else rescore(args.run_dir, args.overrides + unknown)
+    path = args.run_dir / args.features
+    norms = load_features(path) if path.exists() else rescore(args.run_dir, args.overrides + unknown, path)
     fit, test = norms.pop("fit"), norms.pop("test")
     result = fit_and_score(fit, test, norms, ["fim_gaussian", "total_norm", "typicality"])
     print(f"run: {args.run_dir}; {len(fit.names)} layers; fit {len(fit)}, test {len(test)} samples")

@@ -26,6 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["glow", "vae", "pixelcnn", "diffusion"]
 
 
+def config_path(name: str) -> Path:
+    """``configs/<name>.yaml``, or the model's CPU config ``configs/<name>_fashionmnist.yaml``."""
+    exact = ROOT / "configs" / f"{name}.yaml"
+    return exact if exact.exists() else ROOT / "configs" / f"{name}_fashionmnist.yaml"
+
+
 def run_dir(out: Path, name: str) -> Path:
     return out / name / "version_0"
 
@@ -38,7 +44,7 @@ def train(name: str, out: Path, extra: list[str]) -> float:
         str(ROOT / "train.py"),
         "fit",
         "--config",
-        str(ROOT / "configs" / f"{name}_fashionmnist.yaml"),
+        str(config_path(name)),
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.logger.init_args.save_dir",
@@ -88,9 +94,11 @@ def tables(out: Path, names: list[str]) -> str:
         for method in next(iter(metrics.values())):
             aurocs = [f"{metrics[o][method]['auroc']:.3f}" if o in metrics else "–" for o in ood_sets]
             lines.append(f"| {name} | {method} | " + " | ".join(aurocs) + " |")
-    lines += ["", "| model | parameters | val bits/dim | wall time |", "|---|---|---|---|"]
+    lines += ["", "| model | parameters | val bits/dim (nats/token) | wall time |", "|---|---|---|---|"]
     for name, directory in results.items():
         bpd = last_value(directory / "metrics.csv", "val/bpd")
+        if bpd is None:
+            bpd = last_value(directory / "metrics.csv", "val/nats_per_token")
         wall = directory / "wall_s.txt"
         minutes = f"{float(wall.read_text()) / 60:.1f} min" if wall.exists() else "–"
         bits = f"{bpd:.3f}" if bpd is not None else "–"
@@ -107,7 +115,9 @@ def parameter_count(directory: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=CONFIGS, help="configs/<model>_fashionmnist.yaml")
+    parser.add_argument(
+        "--models", nargs="+", default=CONFIGS, help="configs/<name>.yaml or configs/<name>_fashionmnist.yaml"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one CPU thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo")
     parser.add_argument("--collect", action="store_true", help="only tabulate finished runs")

@@ -132,14 +132,13 @@ def _optimizer_tensors(trainer: L.Trainer) -> list[torch.Tensor]:
     return [t.clone() for s in opt_state.values() for t in s.values() if isinstance(t, torch.Tensor)]
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_training_is_bitwise_identical_with_and_without_the_callback(tmp_path: Path, accumulate: int) -> None:
-    without, losses_without = _final_state(
-        tmp_path, False, accumulate_grad_batches=accumulate, log_every_n_steps=1
-    )
-    with_cb, losses_with = _final_state(
-        tmp_path, True, accumulate_grad_batches=accumulate, log_every_n_steps=1
-    )
+@pytest.mark.parametrize(("accumulate", "precision"), [(1, "32-true"), (2, "32-true"), (1, "bf16-mixed")])
+def test_training_is_bitwise_identical_with_and_without_the_callback(
+    tmp_path: Path, accumulate: int, precision: str
+) -> None:
+    options = {"accumulate_grad_batches": accumulate, "log_every_n_steps": 1, "precision": precision}
+    without, losses_without = _final_state(tmp_path, False, **options)
+    with_cb, losses_with = _final_state(tmp_path, True, **options)
     assert losses_with == losses_without and len(losses_with) > 0
     assert without.keys() == with_cb.keys()
     for key in without:
