@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 _BLOCK = 32768
@@ -37,15 +39,30 @@ def _records(path: Path) -> list[bytes]:
     return out
 
 
-def history_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Each ``log`` call of the run as a dict of key -> decoded JSON value."""
+def _parse(raw: bytes) -> wandb_internal_pb2.Record:
+    record = wandb_internal_pb2.Record()
+    record.ParseFromString(raw)
+    return record
+
+
+def history_rows(run_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Each ``log`` call of the run as a dict of key -> decoded JSON value.
+
+    W&B's writer process may still be flushing after ``wandb.finish()`` returns: the file is read
+    again until it holds the run's ``exit`` record (or ``timeout`` seconds pass)."""
     (path,) = run_dir.glob("run-*.wandb")
-    rows = []
-    for raw in _records(path):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            rows.append(
-                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
-            )
-    return rows
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = [_parse(raw) for raw in _records(path)]
+        except DecodeError:  # a record still being written
+            records = []
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r, kind in zip(records, kinds, strict=True)
+        if kind == "history"
+    ]
