@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import warnings
@@ -13,12 +12,13 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from fimcb.engine.func import func_layer_norms
+from fimcb.engine.func import func_layer_norms, group_gradients
 from fimcb.engine.hooks import hooks_layer_norms
 from fimcb.engine.loop import loop_layer_norms
 from fimcb.engine.rules.norm import SamplesInteractError, check_batchnorm
 from fimcb.engine.types import Backend, LayerNorms, NormRequest
 from fimcb.metrics import Metric, resolve_metric
+from fimcb.modes import eval_mode, grad_enabled
 from fimcb.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
 
 log = logging.getLogger("fimcb")
@@ -39,26 +39,6 @@ MAX_CHUNK = 128
 
 # The backend "auto" settled on for each model it has seen.
 _AUTO_CHOICE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    training = [m for m in model.modules() if m.training]  # only these need switching back
-    if training:
-        model.eval()  # through train(False), so that modules overriding train() see it
-    try:
-        yield
-    finally:
-        for module in training:
-            module.training = True
-
-
-@contextlib.contextmanager
-def grad_enabled() -> Iterator[None]:
-    """Enable autograd even inside ``torch.no_grad``/``inference_mode`` (validation and test loops)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -135,6 +115,32 @@ def per_sample_layer_norms(
         groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
         values, ll = _run(engine, request, groups, chunk)
     return LayerNorms(values=values.detach(), names=tuple(params), log_likelihood=ll.detach())
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    log_likelihood: LogLikelihoodFn | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Materialised per-sample gradients of the log-likelihood, chunk by chunk: yields
+    ``({name: [n, *param.shape]}, log_likelihood [n])`` for consecutive chunks of ``x``.
+
+    For fitting Fisher approximations (:mod:`fimcb.metrics`), which need the gradients themselves,
+    not only their norms. Same conventions as :func:`per_sample_layer_norms` (eval mode, trainable
+    parameters only, ``.grad`` untouched); chunks bound the memory of the materialised gradients.
+    """
+    params = trainable_parameters(model)
+    request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(None))
+    chunk = chunk_size or default_chunk_size(params)
+    device = next(iter(params.values())).device
+    with eval_mode(model), grad_enabled():
+        xs = x.clone() if x.is_inference() else x
+        for start in range(0, xs.shape[0], chunk):
+            groups = xs[start : start + chunk].to(device).unsqueeze(1)
+            grads, ll = group_gradients(request, groups)
+            yield {n: g.detach() for n, g in grads.items()}, ll
 
 
 def _run(engine: Engine, request: NormRequest, groups: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

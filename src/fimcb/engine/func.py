@@ -22,12 +22,10 @@ class _Bound(nn.Module):
         return self._log_likelihood(x)
 
 
-def func_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-group squared norms ``[G, L]`` and summed log-likelihoods ``[G]`` for ``groups`` ``[G, k, ...]``.
-
-    Each group's gradient is taken with respect to detached copies of the parameters, so the
-    model's own ``.grad`` fields are never touched.
-    """
+def group_gradients(request: NormRequest, groups: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-group gradients ``{name: [G, *shape]}`` and summed log-likelihoods ``[G]`` for ``groups``
+    ``[G, k, ...]``, taken with respect to detached copies of the parameters, so the model's own
+    ``.grad`` fields are never touched."""
     bound = _Bound(request.model, request.log_likelihood)
     detached = {f"model.{name}": p.detach() for name, p in request.params.items()}
 
@@ -37,5 +35,11 @@ def func_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tens
         return total, total
 
     grads, ll = vmap(grad(group_log_likelihood, has_aux=True), in_dims=(None, 0))(detached, groups)
-    norms = [request.metric.squared_norms(n, grads[f"model.{n}"]) for n in request.params]
-    return torch.stack(norms, dim=1), ll.detach()
+    return {n: grads[f"model.{n}"] for n in request.params}, ll.detach()
+
+
+def func_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-group squared norms ``[G, L]`` and summed log-likelihoods ``[G]`` of ``groups`` ``[G, k, ...]``."""
+    grads, ll = group_gradients(request, groups)
+    norms = [request.metric.squared_norms(n, grads[n]) for n in request.params]
+    return torch.stack(norms, dim=1), ll

@@ -7,16 +7,30 @@ each parameter tensor's per-sample gradients ``[N, *shape]`` and it returns ``s_
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class Metric(ABC):
-    """Per-layer squared norm ``s_lᵀ F_l⁻¹ s_l`` of per-sample gradients under an approximation of F."""
+    """Per-layer squared norm ``s_lᵀ F_l⁻¹ s_l`` of per-sample gradients under an approximation of F.
+
+    Metrics with state estimate it in :meth:`fit` (from training data or model samples, see
+    :mod:`fimcb.metrics.fitting`) and keep it in ``state_dict``; the others need no fit.
+    """
 
     name: str = "metric"
+
+    def fit(self, model: nn.Module, data: Iterable[Any] | None = None, **options: Any) -> Metric:
+        """Estimate the metric's state for ``model``; a no-op for metrics without state."""
+        return self
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the metric can turn gradients into norms (always, for metrics without state)."""
+        return True
 
     @abstractmethod
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
