@@ -20,38 +20,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-import yaml
+from finished_runs import load_run
 
 from fimcb.analysis import layer_aurocs
-from fimcb.cli import FIMCLI
 from fimcb.engine import LayerNorms
 from fimcb.evaluation import fit_and_score, load_features, ood_evaluation
-from fimcb.scoring import ScoringOptions
 
 
 def rescore(run_dir: Path, overrides: list[str], path: Path) -> dict[str, LayerNorms]:
     """Rebuild the run from its config and last checkpoint and score its evaluation sets again."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config = {k: v for k, v in config.items() if k in ("seed_everything", "trainer", "model", "data")}
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-        yaml.safe_dump(config, file)
-        file.flush()
-        cli = FIMCLI(run=False, args=["--config", file.name, *overrides])
-    checkpoint = sorted((run_dir / "checkpoints").glob("*.ckpt"))[-1]
-    cli.model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback")
-    dm = cli.datamodule
-    dm.setup("fit")
-    dm.setup("test")
-    options = ScoringOptions(
-        group_size=callback.options.group_size, max_samples=callback.options.max_samples, progress=True
-    )
+    run = load_run(run_dir, overrides)
+    options = replace(run.callback.options, progress=True)
+    dm = run.datamodule
     result = ood_evaluation(
-        cli.model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(), options=options
+        run.model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(), options=options
     )
     result.save_features(path)
     return result.norms

@@ -8,6 +8,7 @@ results to the trainer's loggers and log directory.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -25,6 +26,7 @@ from torch.utils.data.dataloader import default_collate
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
+from fimcb.metrics import Metric, resolve_metric
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
 from fimcb.tracking import DEFAULT_QUANTILES, summarize
@@ -49,6 +51,11 @@ class FIMNormCallback(Callback):
         max_eval_samples: cap on samples per set in the end-of-training evaluation (the fit,
             test and every OOD set); 1000 keeps it near 5 % of a CPU training run, None scores all.
         ood_loaders: OOD sets by name; default: the datamodule's ``ood_dataloaders()``.
+        metric: the Fisher approximation of the end-of-training evaluation, by name (``identity``,
+            ``layer_scalar``, ``diagonal``, ``kfac``, ``low_rank``) or as an instance (YAML:
+            ``class_path``/``init_args``); it is fitted afresh on the training data at each evaluation
+            (its own options say whether from the data or from model samples) and saved as
+            ``fim_metric.pt``. Tracking during training uses the plain (identity) norms.
         engine: gradient backend (``auto``, ``hooks``, ``func``, ``loop``).
         chunk_size: samples per vectorised call of the engine (default: sized from memory).
         seed: seed of the probe selection (a private generator: training's RNG is untouched).
@@ -68,6 +75,7 @@ class FIMNormCallback(Callback):
         methods: list[str] | None = None,
         max_eval_samples: int | None = 1000,
         ood_loaders: Mapping[str, DataLoader] | None = None,
+        metric: Metric | str | None = None,
         engine: Engine = "auto",
         chunk_size: int | None = None,
         seed: int = 0,
@@ -92,6 +100,8 @@ class FIMNormCallback(Callback):
         self.evaluate_ood = evaluate_ood
         self.methods = methods
         self.ood_loaders = dict(ood_loaders) if ood_loaders is not None else None
+        self.metric = metric
+        resolve_metric(metric)  # an unknown name fails here, not after training
         self.options = ScoringOptions(
             group_size=group_size,
             engine=engine,
@@ -212,14 +222,14 @@ class FIMNormCallback(Callback):
             return
         fit_loader, test_loader, ood_loaders = loaders
         start = time.perf_counter()
+        # A fresh copy per evaluation: the metric is refitted to the weights of the moment.
+        metric = copy.deepcopy(resolve_metric(self.metric))
+        progress = self.options.progress and trainer.is_global_zero
+        options = replace(self.options, metric=metric, progress=progress)
         with _isolated_rng(pl_module.device):
+            metric.fit(pl_module, trainer.train_dataloader)
             result = ood_evaluation(
-                pl_module,
-                fit_loader,
-                test_loader,
-                ood_loaders,
-                methods=self.methods,
-                options=replace(self.options, progress=self.options.progress and trainer.is_global_zero),
+                pl_module, fit_loader, test_loader, ood_loaders, methods=self.methods, options=options
             )
         self.result = result
         self.seconds["evaluation"] += time.perf_counter() - start
@@ -236,6 +246,8 @@ class FIMNormCallback(Callback):
             path = result.save(out_dir / self.output_file)
             torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
             result.save_features(out_dir / "ood_features.pt")
+            if metric.state_dict():
+                torch.save(metric.state_dict(), out_dir / "fim_metric.pt")
             total = time.perf_counter() - self._fit_start
             rank_zero_info(
                 f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import binary_auroc, binary_average_
 
 from fimcb.detectors import DEFAULT_METHODS, Detector, build_detector
 from fimcb.engine import LayerNorms
+from fimcb.metrics import Metric, resolve_metric
 from fimcb.protocol import unpack_batch
 from fimcb.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
 
@@ -63,6 +64,7 @@ class OODResult:
     scores: dict[str, dict[str, Tensor]]
     detectors: dict[str, Detector]
     norms: dict[str, LayerNorms] = field(default_factory=dict)
+    metric: Metric | None = None
 
     def table(self) -> str:
         """The metrics as a fixed-width text table, one row per (OOD set, method)."""
@@ -127,14 +129,23 @@ def ood_evaluation(
     *,
     methods: Sequence[str | Detector] | None = None,
     options: ScoringOptions = ScoringOptions(),
+    metric_data: Iterable[Any] | None = None,
 ) -> OODResult:
-    """Like :func:`evaluate_ood`, returning scores, fitted detectors and layer norms beside the metrics.
+    """Like :func:`evaluate_ood`, returning scores, fitted detectors, layer norms and the metric beside
+    the metrics.
 
+    A metric that needs fitting and is not fitted yet (``options.metric``, e.g. ``"kfac"``) is fitted
+    first, on ``metric_data`` (training data, for an empirical Fisher) or else on ``fit_loader``.
     An empty OOD loader is skipped with a warning, so that the other sets are still evaluated.
     """
     if not ood_loaders:
         raise ValueError("no OOD sets given: pass ood_loaders as a mapping name -> DataLoader")
     input_shape = _first_sample_shape(fit_loader, "fit_loader")
+    metric = resolve_metric(options.metric)
+    if not metric.fitted:
+        data = metric_data if metric_data is not None else fit_loader
+        metric.fit(model, data, log_likelihood=options.log_likelihood)
+    options = replace(options, metric=metric)
 
     def norms_of(loader: Iterable[Any], name: str) -> LayerNorms:
         return layer_norms_over(model, loader, options, name=name, input_shape=input_shape)
@@ -148,7 +159,7 @@ def ood_evaluation(
             warnings.warn(f"skipping OOD set {err}", stacklevel=2)
     if not ood:
         raise ValueError("every OOD loader was empty: nothing to evaluate")
-    return fit_and_score(fit, test, ood, methods or DEFAULT_METHODS)
+    return replace(fit_and_score(fit, test, ood, methods or DEFAULT_METHODS), metric=metric)
 
 
 def evaluate_ood(
@@ -158,6 +169,7 @@ def evaluate_ood(
     ood_loaders: Mapping[str, Iterable[Any]],
     *,
     methods: Sequence[str | Detector] | None = None,
+    metric_data: Iterable[Any] | None = None,
     **options: Any,
 ) -> Metrics:
     """OOD-detection metrics ``[ood_name][method][metric]`` for a model with a log-likelihood.
@@ -167,10 +179,17 @@ def evaluate_ood(
     in-distribution data), then ``test_loader`` (in-distribution) is compared with each OOD set.
     Metrics: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, OOD = positive class.
     ``options`` are the fields of :class:`~fimcb.scoring.ScoringOptions`: ``group_size``,
-    ``engine``, ``metric``, ``log_likelihood``, ``chunk_size``, ``max_samples``, ``progress``.
+    ``engine``, ``metric``, ``log_likelihood``, ``chunk_size``, ``max_samples``, ``progress``; a
+    metric that needs fitting is fitted on ``metric_data`` (else ``fit_loader``) first.
     """
     return ood_evaluation(
-        model, fit_loader, test_loader, ood_loaders, methods=methods, options=ScoringOptions(**options)
+        model,
+        fit_loader,
+        test_loader,
+        ood_loaders,
+        methods=methods,
+        options=ScoringOptions(**options),
+        metric_data=metric_data,
     ).metrics
 
 

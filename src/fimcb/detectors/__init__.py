@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from fimcb.detectors.base import Detector, NotFittedError
 from fimcb.detectors.baselines import Likelihood, TotalNorm, Typicality
+from fimcb.detectors.covariance import FullGaussian
 from fimcb.detectors.gaussian import FIMGaussian
+from fimcb.detectors.pvalues import ChiSquare, FisherMethod
 
-DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (FIMGaussian, TotalNorm, Likelihood, Typicality)}
+DETECTORS: dict[str, type[Detector]] = {
+    d.name: d for d in (FIMGaussian, FullGaussian, ChiSquare, FisherMethod, TotalNorm, Likelihood, Typicality)
+}
 DEFAULT_METHODS: tuple[str, ...] = ("fim_gaussian", "total_norm", "likelihood", "typicality")
 
 
@@ -22,8 +26,11 @@ def build_detector(method: str | Detector) -> Detector:
 __all__ = [
     "DEFAULT_METHODS",
     "DETECTORS",
+    "ChiSquare",
     "Detector",
     "FIMGaussian",
+    "FisherMethod",
+    "FullGaussian",
     "Likelihood",
     "NotFittedError",
     "TotalNorm",

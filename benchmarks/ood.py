@@ -1,0 +1,117 @@
+"""OOD detection of finished runs under every Fisher approximation × detector × group size.
+
+    OMP_NUM_THREADS=1 python benchmarks/ood.py runs/zoo/glow/version_0 runs/zoo/vae/version_0 \\
+        --metrics identity layer_scalar diagonal kfac low_rank --groups 1 5 -- --data.root ../shared/data
+
+For each run (rebuilt from its ``config.yaml`` and last checkpoint) and each metric: the metric is
+fitted on the training split (empirical Fisher, ``--fisher-samples`` samples) or on model samples
+(``--fisher true``); then, for each group size k, the layer norms of the validation split (the
+detectors' fit set), the test split (in-distribution) and every OOD set of the run's datamodule are
+computed (at most ``--max-samples`` samples per set), every detector is fitted on the validation
+features only and AUROCs are computed against the test split. Nothing is fitted or tuned on an OOD
+set. Prints markdown tables (AUROC per OOD set; seconds to fit the metric and to score all sets) and
+writes everything to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from finished_runs import load_run
+
+from fimcb.detectors import DETECTORS
+from fimcb.evaluation import fit_and_score
+from fimcb.metrics import resolve_metric
+from fimcb.scoring import ScoringOptions, layer_norms_over
+
+BASELINES = ("likelihood", "typicality")
+METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
+
+
+def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
+    """``{metric: {k: {"aurocs": {ood: {detector: auroc}}, "seconds": {...}}}}`` for one run."""
+    run = load_run(run_dir, args.overrides)
+    dm = run.datamodule
+    sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
+    train = dm.train_dataloader()
+    detectors = [d for d in DETECTORS if d not in BASELINES]
+    out: dict = {}
+    for name in args.metrics:
+        metric = resolve_metric(name)
+        options = {"fisher": args.fisher, "n_samples": args.fisher_samples}
+        for key, value in options.items():
+            if hasattr(metric, key):
+                setattr(metric, key, value)
+        start = time.perf_counter()
+        metric.fit(run.model, train)
+        fit_seconds = time.perf_counter() - start
+        out[name] = {}
+        for k in args.groups:
+            scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
+            start = time.perf_counter()
+            norms = {s: layer_norms_over(run.model, loader, scoring, name=s) for s, loader in sets.items()}
+            score_seconds = time.perf_counter() - start
+            fit, test = norms.pop("fit"), norms.pop("test")
+            result = fit_and_score(fit, test, norms, [*detectors, *BASELINES])
+            aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.metrics.items()}
+            out[name][k] = {
+                "aurocs": aurocs,
+                "seconds": {"fit_metric": fit_seconds, "score": score_seconds},
+                "samples": {s: len(n) for s, n in {"fit": fit, "test": test, **norms}.items()},
+            }
+            print(f"{run_dir} {name} k={k}: metric fit {fit_seconds:.1f} s, scoring {score_seconds:.1f} s",
+                  flush=True)
+    return out
+
+
+def tables(results: dict) -> str:
+    """One markdown table per run and group size: rows metric × detector, columns OOD sets."""
+    lines = []
+    for run, by_metric in results.items():
+        groups = sorted({int(k) for by_k in by_metric.values() for k in by_k})
+        for k in groups:
+            first = next(by_k[k] for by_k in by_metric.values() if k in by_k)
+            ood_sets = list(first["aurocs"])
+            lines += [f"\n### {run}, k = {k}\n", "| metric | detector | " + " | ".join(ood_sets) + " |",
+                      "|---|---|" + "---|" * len(ood_sets)]
+            for metric, by_k in by_metric.items():
+                entry = by_k[k]
+                for detector in next(iter(entry["aurocs"].values())):
+                    if detector in BASELINES and metric != next(iter(by_metric)):
+                        continue  # the baselines do not depend on the metric: once per table
+                    row = [f"{entry['aurocs'][o][detector]:.3f}" for o in ood_sets]
+                    label = "–" if detector in BASELINES else metric
+                    lines.append(f"| {label} | {detector} | " + " | ".join(row) + " |")
+            lines += ["", "| metric | fit metric (s) | score all sets (s) |", "|---|---|---|"]
+            for metric, by_k in by_metric.items():
+                seconds = by_k[k]["seconds"]
+                lines.append(f"| {metric} | {seconds['fit_metric']:.1f} | {seconds['score']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories (config.yaml + checkpoints/)")
+    parser.add_argument("--metrics", nargs="+", default=list(METRICS))
+    parser.add_argument("--groups", nargs="+", type=int, default=[1, 5])
+    parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
+    parser.add_argument("--fisher-samples", type=int, default=1000)
+    parser.add_argument("--max-samples", type=int, default=1000, help="per set")
+    parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
+    parser.add_argument("overrides", nargs="*", help="train.py options after --, e.g. --data.root PATH")
+    args = parser.parse_args()
+    results = {}
+    if args.out.exists():
+        results = json.loads(args.out.read_text())  # runs scored earlier keep their entries
+    for run_dir in args.runs:
+        results[str(run_dir)] = evaluate_run(run_dir, args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    main()
