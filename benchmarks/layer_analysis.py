@@ -25,7 +25,7 @@ from pathlib import Path
 
 from finished_runs import load_run
 
-from fimcb.analysis import layer_aurocs
+from fimcb.analysis import layer_aurocs, plot_layer_aurocs
 from fimcb.engine import LayerNorms
 from fimcb.evaluation import fit_and_score, load_features, ood_evaluation
 
@@ -46,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--bins", type=int, default=4, help="depth groups")
+    parser.add_argument("--plot", type=Path, help="also draw the single-layer AUROCs to this image file")
     parser.add_argument(
         "--features",
         default="ood_features.pt",
@@ -58,7 +59,10 @@ def main() -> None:
     fit, test = norms.pop("fit"), norms.pop("test")
     result = fit_and_score(fit, test, norms, ["fim_gaussian", "total_norm", "typicality"])
     print(f"run: {args.run_dir}; {len(fit.names)} layers; fit {len(fit)}, test {len(test)} samples")
-    for name, aurocs in layer_aurocs(fit, test, norms).items():
+    per_layer = layer_aurocs(fit, test, norms)
+    if args.plot:
+        print(f"plot: {plot_layer_aurocs(per_layer, args.plot, args.bins)}")
+    for name, aurocs in per_layer.items():
         summary = ", ".join(f"{m} {v['auroc']:.3f}" for m, v in result.metrics[name].items())
         print(f"\n## {name}: {summary}")
         below = int((aurocs.one_sided < 0.5).sum())

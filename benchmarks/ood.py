@@ -16,6 +16,7 @@ writes everything to ``--out`` as JSON.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 from pathlib import Path
@@ -24,11 +25,11 @@ from finished_runs import load_run
 
 from fimcb.detectors import DETECTORS
 from fimcb.evaluation import fit_and_score
-from fimcb.metrics import resolve_metric
+from fimcb.metrics import METRICS
 from fimcb.scoring import ScoringOptions, layer_norms_over
 
 BASELINES = ("likelihood", "typicality")
-METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
+DEFAULT_METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -40,11 +41,10 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     detectors = [d for d in DETECTORS if d not in BASELINES]
     out: dict = {}
     for name in args.metrics:
-        metric = resolve_metric(name)
+        cls = METRICS[name]
+        accepted = inspect.signature(cls).parameters
         options = {"fisher": args.fisher, "n_samples": args.fisher_samples}
-        for key, value in options.items():
-            if hasattr(metric, key):
-                setattr(metric, key, value)
+        metric = cls(**{key: value for key, value in options.items() if key in accepted})
         start = time.perf_counter()
         metric.fit(run.model, train)
         fit_seconds = time.perf_counter() - start
@@ -95,14 +95,14 @@ def tables(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (config.yaml + checkpoints/)")
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS))
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     parser.add_argument("--groups", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
     parser.add_argument("--fisher-samples", type=int, default=1000)
     parser.add_argument("--max-samples", type=int, default=1000, help="per set")
     parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
-    parser.add_argument("overrides", nargs="*", help="train.py options after --, e.g. --data.root PATH")
-    args = parser.parse_args()
+    args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
+    args.overrides = [a for a in unknown if a != "--"]
     results = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())  # runs scored earlier keep their entries

@@ -14,7 +14,7 @@ from torchmetrics.functional.classification import binary_auroc
 from toy_models import LinearFlow
 
 from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
-from fimcb.analysis import layer_aurocs
+from fimcb.analysis import LayerAUROCs, layer_aurocs, plot_layer_aurocs
 from fimcb.detectors import (
     DEFAULT_METHODS,
     DETECTORS,
@@ -218,3 +218,17 @@ def test_layer_aurocs_match_sklearn_per_layer() -> None:
     assert [(r["first"], r["last"]) for r in depth] == [(0, 1), (2, 2)]
     assert depth[0]["below_half"] == 1
     assert result.best(1) == [("a", float(result.one_sided[0]))]
+
+
+def test_plot_layer_aurocs_writes_one_panel_per_ood_set(tmp_path) -> None:
+    from PIL import Image
+
+    names = ("a", "b", "c", "d")
+    aurocs = LayerAUROCs(names, torch.tensor([0.2, 0.4, 0.6, 0.9]), torch.tensor([0.5, 0.5, 0.7, 0.8]))
+    one = plot_layer_aurocs({"x": aurocs}, tmp_path / "one.png", n_bins=2)
+    three = plot_layer_aurocs({"x": aurocs, "y": aurocs, "z": aurocs}, tmp_path / "three.png", n_bins=2)
+    with Image.open(one) as a, Image.open(three) as b:
+        assert a.format == b.format == "PNG"
+        assert b.width > 2.5 * a.width and a.height == b.height  # panels side by side
+        pixels = torch.tensor(list(a.convert("L").getdata()), dtype=torch.float32)
+        assert pixels.min() < 100  # something is drawn, not a blank canvas

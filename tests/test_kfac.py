@@ -109,7 +109,7 @@ class Reference:
 
 def reference(model: nn.Module, batches: list[Tensor], owners: dict[str, Layer]) -> Reference:
     """One backward per sample; ``A = mean_n (1/R_n) Σ a aᵀ``, ``G = mean_n Σ g gᵀ`` over each layer's
-    calls; checks each call's ``Σ_t g_t a_tᵀ`` against autograd's weight gradient."""
+    calls; checks that ``Σ_t g_t a_tᵀ`` over a layer's calls is autograd's weight gradient."""
     model.eval()
     modules = dict(model.named_modules())
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -154,11 +154,10 @@ def reference(model: nn.Module, batches: list[Tensor], owners: dict[str, Layer])
 
 
 def damped(a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """``A + π√δ I`` and ``G + (√δ/π) I`` with ``π = sqrt((tr A / dim A) / (tr G / dim G))``."""
     pi = math.sqrt((a.trace() / a.shape[0]) / (g.trace() / g.shape[0]))
-    root = math.sqrt(damping)
-    return a + pi * root * torch.eye(a.shape[0], dtype=a.dtype), g + root / pi * torch.eye(
-        g.shape[0], dtype=a.dtype
-    )
+    eye_a, eye_g = torch.eye(a.shape[0], dtype=a.dtype), torch.eye(g.shape[0], dtype=g.dtype)
+    return a + pi * math.sqrt(damping) * eye_a, g + math.sqrt(damping) / pi * eye_g
 
 
 def expected_norms(ref: Reference, scores: Reference, owners: dict[str, Layer], damping: float) -> Tensor:
@@ -313,6 +312,42 @@ def test_fallback_is_layer_scalar_and_diagonal() -> None:
             )
 
 
+class NormOnly(nn.Module):
+    """No Kronecker module at all: every parameter is layer-scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(3)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return -self.norm(x).pow(2).sum(1)
+
+
+def test_model_without_kronecker_modules() -> None:
+    model = NormOnly().double()
+    kfac = fitted(model, [torch.randn(5, 3, dtype=torch.float64)])
+    assert kfac.kronecker_factored == () and set(kfac.layer_scalars) == {"norm.weight", "norm.bias"}
+
+
+def test_fit_split_over_ranks_equals_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks simulated in one process (a real gloo pair costs ~20 s of imports): rank 1's
+    statistics are recorded at its ``all_reduce_sum`` calls, rank 0's calls add them, in order."""
+    import fimcb.distributed
+
+    model = SeqModel().double()
+    batches = [torch.randn(n, 2, 3, dtype=torch.float64) for n in (4, 3, 3)]
+    recorded: list[Tensor] = []
+    monkeypatch.setattr(fimcb.distributed, "all_reduce_sum", lambda t: recorded.append(t.clone()) or t)
+    KFAC(n_samples=100).fit(model, batches[2:])  # rank 1: 3 samples
+    monkeypatch.setattr(fimcb.distributed, "all_reduce_sum", lambda t: t + recorded.pop(0))
+    split = KFAC(n_samples=100).fit(model, batches[:2]).state_dict()  # rank 0: 7 samples
+    assert not recorded
+    monkeypatch.undo()
+    single = KFAC(n_samples=100).fit(model, batches).state_dict()
+    torch.testing.assert_close(split["factors"], single["factors"])
+    assert split["scales"] == pytest.approx(single["scales"])
+
+
 def test_true_fisher_uses_seeded_model_samples() -> None:
     model = LinearGaussian().double()
     true = KFAC(fisher="true", n_samples=40, batch_size=16, seed=3).fit(model)
@@ -361,7 +396,7 @@ def test_errors() -> None:
     model = LinearFlow(dim=3)
     x = torch.randn(5, 3)
     kfac = fitted(model, [x])
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(KeyError, match="not fitted on parameter 'nope'"):
         kfac.squared_norms("nope", torch.ones(1, 2))
     with pytest.raises(KeyError, match="not Kronecker-factored"):
         kfac.factors("log_scale")
@@ -369,7 +404,7 @@ def test_errors() -> None:
         kfac.squared_norms("linear.weight", torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="shape"):
         kfac.squared_norms("linear.bias", torch.ones(2, 4))
-    with pytest.raises(TypeError, match="unexpected options"):
+    with pytest.raises(TypeError, match="unexpected keyword"):
         KFAC().fit(model, [x], chunk=3)
     with pytest.raises(ValueError, match="non-finite"):
         fitted(model, [torch.full((4, 3), math.nan)])

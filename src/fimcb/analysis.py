@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -74,3 +75,32 @@ def layer_aurocs(fit: LayerNorms, test: LayerNorms, ood: Mapping[str, LayerNorms
         name: LayerAUROCs(test.names, aurocs(norms.log_features(), False), aurocs(norms.log_features(), True))
         for name, norms in ood.items()
     }
+
+
+def plot_layer_aurocs(results: Mapping[str, LayerAUROCs], path: str | Path, n_bins: int = 4) -> Path:
+    """One panel per OOD set: each layer's one- and two-sided AUROC against its depth, with the depth-group
+    means as steps, written to ``path`` (PNG, SVG or PDF by its suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.0), sharey=True, squeeze=False)
+    for ax, (name, aurocs) in zip(axes[0], results.items(), strict=True):
+        depth = torch.arange(len(aurocs.names))
+        ax.scatter(depth, aurocs.one_sided, s=6, label="one-sided (larger = OOD)")
+        ax.scatter(depth, aurocs.two_sided, s=6, marker="x", label="two-sided (|z|)")
+        for row in aurocs.by_depth(n_bins):
+            span = [row["first"] - 0.5, row["last"] + 0.5]
+            ax.plot(span, [row["one_sided"]] * 2, color="C0")
+            ax.plot(span, [row["two_sided"]] * 2, color="C1")
+        ax.axhline(0.5, color="grey", linewidth=0.5)
+        ax.set(title=name, xlabel="layer (parameter tensor), shallow to deep", ylim=(0, 1))
+    axes[0][0].set_ylabel("single-layer AUROC")
+    axes[0][-1].legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -77,7 +77,7 @@ class Diagonal(Metric):
         damping: added to every diagonal entry (keeps near-zero entries from dominating).
     """
 
-    name = "diagonal"
+    name = "given_diagonal"
 
     def __init__(self, fisher: dict[str, Tensor], damping: float = 1e-8) -> None:
         if damping < 0:

@@ -57,9 +57,18 @@ def layer_scales(mean_squared_norms: dict[str, Tensor], dims: dict[str, int]) ->
     if zero:
         warnings.warn(
             f"the gradients of {zero} were zero on every Fisher sample; their scale is taken as 1",
-            stacklevel=3,
+            stacklevel=2,
         )
     return {name: s if s > 0 else 1.0 for name, s in scales.items()}
+
+
+def layer_dampings(
+    damping: float, relative: bool, mean_squared_norms: dict[str, Tensor], dims: dict[str, int]
+) -> dict[str, float]:
+    """δ_l per layer: ``damping`` itself, or relative to the layer's mean diagonal Fisher entry."""
+    if not relative:
+        return dict.fromkeys(mean_squared_norms, damping)
+    return {name: damping * s for name, s in layer_scales(mean_squared_norms, dims).items()}
 
 
 def reduced_means(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
@@ -236,11 +245,8 @@ class FittedDiagonal(FittedMetric):
         fisher = reduced_means(sums, count)
         params = self._parameters(model)
         dims = {name: p.numel() for name, p in params.items()}
-        if self.relative_damping:
-            scales = layer_scales({name: f.sum() for name, f in fisher.items()}, dims)
-            deltas = {name: self.damping * s for name, s in scales.items()}
-        else:
-            deltas = dict.fromkeys(fisher, self.damping)
+        mean_norms = {name: f.sum() for name, f in fisher.items()}
+        deltas = layer_dampings(self.damping, self.relative_damping, mean_norms, dims)
         self._set({name: (f + deltas[name]).to(params[name].dtype) for name, f in fisher.items()})
         self.dims = dims
         return self

@@ -9,9 +9,10 @@ unfolded input patch under output position ``t``. A per-sample weight gradient
 
 Normalisation over positions (the "expand" convention of Eschenhagen et al. 2023): with ``R`` the
 rows (positions of all calls of the layer's modules, e.g. a sequence's tokens or a feature map's
-pixels) per sample, ``A = E_x[(1/R) Σ_t a_t a_tᵀ]`` and ``G = E_x[Σ_t g_t g_tᵀ]``. This makes
-``A ⊗ G`` the Fisher exactly when positions are independent and ``a`` independent of ``g``, and it
-makes a bias (an input fixed at 1) have the block ``1 ⊗ G = G``: the bias norm is ``bᵀ G⁻¹ b``.
+pixels) per sample, ``A = E_x[(1/R) Σ_t a_t a_tᵀ]`` and ``G = E_x[Σ_t g_t g_tᵀ]``. With one
+position and ``a`` independent of ``g``, ``A ⊗ G`` is the Fisher block exactly; with several, it
+drops the cross-position terms. A bias (an input fixed at 1) gets the block ``1 ⊗ G = G``: its
+norm is ``bᵀ G⁻¹ b``, with the damping of its layer's ``G``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.metrics.base import Metric, squared_row_norms
-from fimcb.metrics.fitting import FisherSource, check_source, fisher_inputs
+from fimcb.metrics.base import squared_row_norms
+from fimcb.metrics.diagonal import FittedMetric, check_positive_float, layer_scales, reduced_means
 from fimcb.modes import eval_mode, grad_enabled
 from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output, resolve_log_likelihood
 
@@ -35,7 +36,7 @@ log = logging.getLogger("fimcb")
 
 KRONECKER_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
-Layer = tuple[str, ...]  # names of the modules whose calls make up one pair of factors
+Layer = str  # names of the modules whose calls make up one pair of factors, joined by ","
 
 
 def is_kronecker_module(module: nn.Module) -> bool:
@@ -55,7 +56,7 @@ def kronecker_owners(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[
         for local, p in module.named_parameters(recurse=False):
             holders[id(p)].append((module_name, module, local))
     return {
-        name: tuple(module_name for module_name, _, _ in holders[id(p)])
+        name: ",".join(module_name for module_name, _, _ in holders[id(p)])
         for name, p in params.items()
         if holders[id(p)]
         and all(is_kronecker_module(m) and local in ("weight", "bias") for _, m, local in holders[id(p)])
@@ -150,6 +151,8 @@ class _Batch:
         return batch
 
     def backward(self, ll: Tensor) -> None:
+        if not self.outputs:  # no Kronecker module ran (or none is trainable): nothing to add
+            return
         grads = torch.autograd.grad(ll.sum(), [y for _, y in self.outputs], allow_unused=True)
         for (name, _), grad in zip(self.outputs, grads, strict=True):
             if grad is not None:  # an output the log-likelihood does not use adds nothing
@@ -161,7 +164,7 @@ def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
 
-class KFAC(Metric):
+class KFAC(FittedMetric):
     """K-FAC: ``A ⊗ G`` Fisher blocks for the weights of ``nn.Linear`` (any number of sequence dims)
     and ``nn.Conv1d``/``nn.Conv2d`` (groups=1) layers, ``G`` alone for their biases, damped with
     Martens' π-correction (see the module docstring for the conventions).
@@ -169,45 +172,34 @@ class KFAC(Metric):
     Every other parameter tensor (norm layers, embeddings, custom layers such as Glow's, weights
     shared with such modules, Kronecker modules whose forward never ran in the fit) falls back to the
     paper's layer-scalar metric ``||s_l||² / λ_l`` with ``λ_l = E||s_l||² / d_l``, estimated in the
-    same fit. :attr:`kronecker_factored` and :attr:`layer_scalars` say which is which. A weight also
-    used outside its module's forward (``x @ linear.weight``) keeps factors of the forward calls only.
+    same fit (as :class:`~fimcb.metrics.diagonal.LayerScalar` does, zero-gradient convention included).
+    :attr:`kronecker_factored` and :attr:`layer_scalars` say which is which. A weight also used
+    outside its module's forward (``x @ linear.weight``) keeps the factors of the forward calls only.
 
     Args:
-        fisher: ``"empirical"`` (training data passed to :meth:`fit`) or ``"true"`` (``model.sample``).
-        damping: δ > 0 added to ``A ⊗ G`` through the factors (factors are often singular).
-        n_samples: samples averaged over in the fit.
-        batch_size: samples per ``model.sample`` call for the true Fisher.
-        seed: seed of the model samples for the true Fisher.
+        damping: δ > 0 added to ``A ⊗ G`` through the factors (they are often singular).
+        fisher, n_samples, batch_size, seed: see :class:`~fimcb.metrics.diagonal.FittedMetric`.
     """
 
     name = "kfac"
 
     def __init__(
         self,
-        fisher: FisherSource = "empirical",
+        fisher: str = "empirical",
         damping: float = 1e-3,
         n_samples: int = 1000,
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        self.fisher = check_source(fisher)
-        if isinstance(damping, bool) or not isinstance(damping, int | float) or not 0 < damping < math.inf:
-            raise ValueError(f"damping must be a positive finite number, got {damping!r}")
-        for arg, value in (("n_samples", n_samples), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{arg} must be a positive integer, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.damping = float(damping)
-        self.n_samples, self.batch_size, self.seed = n_samples, batch_size, seed
+        super().__init__(fisher, n_samples, batch_size, seed)
+        self.damping = check_positive_float("damping", damping)
         self._factors: dict[Layer, tuple[Tensor, Tensor]] = {}  # undamped (A, G)
         self._owners: dict[str, Layer] = {}  # Kronecker-factored parameter -> its layer
-        self._scalars: dict[str, float] = {}  # layer-scalar λ of every other parameter
+        self._scales: dict[str, float] = {}  # λ_l of every other parameter
         self._roots: dict[Layer, tuple[Tensor, Tensor]] = {}  # damped inverse square roots
 
-    @property
-    def fitted(self) -> bool:
-        return bool(self._owners or self._scalars)
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "damping": self.damping}
 
     @property
     def kronecker_factored(self) -> tuple[str, ...]:
@@ -217,11 +209,11 @@ class KFAC(Metric):
     @property
     def layer_scalars(self) -> dict[str, float]:
         """``λ_l`` of the parameters that fall back to the layer-scalar metric."""
-        return dict(self._scalars)
+        return dict(self._scales)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """The undamped ``(A, G)`` of a Kronecker-factored parameter (its layer's, for a bias)."""
-        self._check_fitted()
+        self._known(name)
         if name not in self._owners:
             raise KeyError(f"{name!r} is not Kronecker-factored; factored: {sorted(self._owners)}")
         return self._factors[self._owners[name]]
@@ -231,7 +223,6 @@ class KFAC(Metric):
         model: nn.Module,
         data: Iterable[Any] | None = None,
         log_likelihood: LogLikelihoodFn | None = None,
-        **options: Any,
     ) -> KFAC:
         """Estimate the factors (and the fallback λ_l) over ``n_samples`` inputs from ``fisher``.
 
@@ -239,105 +230,86 @@ class KFAC(Metric):
         hooked layers' outputs gives every sample's own output gradients. Sums over batches are
         reduced over DDP ranks at the end, so a fit split across ranks equals one on all the data.
         """
-        if options:
-            raise TypeError(f"KFAC.fit got unexpected options {sorted(options)}")
-        from fimcb.distributed import all_reduce_sum
         from fimcb.engine import per_sample_layer_norms
-        from fimcb.engine.api import trainable_parameters
 
+        inputs = self._inputs(model, data)
         ll_fn = resolve_log_likelihood(model, log_likelihood)
-        params = trainable_parameters(model)
+        params = self._parameters(model)
         owners = kronecker_owners(model, params)
         layers = list(dict.fromkeys(owners.values()))
-        modules = {name: m for name, m in model.named_modules() if any(name in layer for layer in layers)}
+        hooked = {name for layer in layers for name in layer.split(",")}
+        modules = {name: m for name, m in model.named_modules() if name in hooked}
+        weights = {layer: modules[layer.split(",")[0]].weight for layer in layers}  # [out, in, *kernel]
         device = next(iter(params.values())).device
-
-        def zeros(size: int) -> Tensor:
-            return torch.zeros(size, size, dtype=torch.float64, device=device)
-
-        weights = {layer: modules[layer[0]].weight for layer in layers}  # [out, in, *kernel]
-        a_sums = {layer: zeros(w.shape[1:].numel()) for layer, w in weights.items()}
-        g_sums = {layer: zeros(w.shape[0]) for layer, w in weights.items()}
-        counts = torch.zeros(1 + len(layers), dtype=torch.float64, device=device)  # samples, rows per layer
-        squares = torch.zeros(len(params), dtype=torch.float64, device=device)
-        for x in fisher_inputs(model, data, self.fisher, self.n_samples, self.batch_size, self.seed):
+        zeros = {"dtype": torch.float64, "device": device}
+        a_sums = {layer: torch.zeros(2 * [w.shape[1:].numel()], **zeros) for layer, w in weights.items()}
+        g_sums = {layer: torch.zeros(2 * [w.shape[0]], **zeros) for layer, w in weights.items()}
+        rows = {layer: torch.zeros((), **zeros) for layer in layers}
+        squares = torch.zeros(len(params), **zeros)
+        count = 0
+        for x in inputs:
             x = x.to(device)
             batch = _Batch.run(model, modules, ll_fn, x)
-            for i, layer in enumerate(layers):
-                rows = sum(batch.rows[m] for m in layer)
-                counts[1 + i] += rows
-                for m in layer:  # expand convention: A averages over the rows of a sample
+            for layer in layers:
+                names = layer.split(",")
+                n_rows = sum(batch.rows[m] for m in names)
+                rows[layer] += n_rows
+                for m in names:  # expand convention: A averages over the rows of a sample
                     if m in batch.a:
-                        a_sums[layer] += batch.a[m] * (x.shape[0] / rows)
+                        a_sums[layer] += batch.a[m] * (x.shape[0] / n_rows)
                     if m in batch.g:
                         g_sums[layer] += batch.g[m]
             norms = per_sample_layer_norms(model, x, metric="identity", log_likelihood=ll_fn)
             squares += norms.values.double().sum(0)
-            counts[0] += x.shape[0]
+            count += x.shape[0]
 
-        counts, squares = all_reduce_sum(counts), all_reduce_sum(squares)
-        n = float(counts[0])
-        unused = [layer for i, layer in enumerate(layers) if counts[1 + i] == 0]
+        mean_squares = reduced_means(dict(zip(params, squares, strict=True)), count)
+        a_means, g_means, row_means = (
+            reduced_means(sums, count) if layers else {} for sums in (a_sums, g_sums, rows)
+        )
+        unused = [layer for layer in layers if row_means[layer] == 0]
         if unused:
             log.warning(
                 "fimcb kfac: modules %s never ran in the fit; they get the layer-scalar metric", unused
             )
-        factors = {  # kept in the parameters' dtype, like the gradients they will whiten
-            layer: tuple((all_reduce_sum(s[layer]) / n).to(weights[layer].dtype) for s in (a_sums, g_sums))
-            for layer in layers
-        }
         kept = {name: layer for name, layer in owners.items() if layer not in unused}
-        mean_squares = squares / n
-        scalars = {
-            name: float(mean_squares[i]) / p.numel()
-            for i, (name, p) in enumerate(params.items())
-            if name not in kept
+        factors = {  # kept in the parameters' dtype, like the gradients they will whiten
+            layer: (a_means[layer].to(weights[layer].dtype), g_means[layer].to(weights[layer].dtype))
+            for layer in dict.fromkeys(kept.values())
         }
-        self._set(
-            {layer: factors[layer] for layer in dict.fromkeys(kept.values())}, kept, scalars, self.damping
-        )
+        dims = {name: p.numel() for name, p in params.items()}
+        scales = layer_scales({n: m for n, m in mean_squares.items() if n not in kept}, dims)
+        self._set(factors, kept, scales)
+        self.dims = dims
         return self
 
     def _set(
-        self,
-        factors: dict[Layer, tuple[Tensor, Tensor]],
-        owners: dict[str, Layer],
-        scalars: dict[str, float],
-        damping: float,
+        self, factors: dict[Layer, tuple[Tensor, Tensor]], owners: dict[str, Layer], scales: dict[str, float]
     ) -> None:
         """Install a fitted or loaded state after checking it, and precompute the inverse roots."""
-        bad = [
-            ",".join(layer)
-            for layer, (a, g) in factors.items()
-            if not (a.isfinite().all() and g.isfinite().all())
-        ]
+        bad = [layer for layer, (a, g) in factors.items() if not (a.isfinite().all() and g.isfinite().all())]
+        bad += [name for name, scale in scales.items() if not math.isfinite(scale)]
         if bad:
             raise ValueError(
-                f"non-finite K-FAC factors for modules {bad}: the model's activations or log-likelihood "
-                "gradients are not finite on the fit data"
+                f"non-finite K-FAC statistics for {bad}: the model's activations or log-likelihood "
+                "gradients are not finite on the Fisher samples"
             )
-        bad = [name for name, lam in scalars.items() if not 0 < lam < math.inf]
-        if bad:
-            raise ValueError(
-                f"layer-scalar λ of {bad} is zero or not finite: these parameters got no usable gradient "
-                "on the fit data (freeze them, or check the model)"
-            )
-        self._roots = {
-            layer: tuple(r.to(a.dtype) for r in damped_inverse_roots(a, g, damping))  # type: ignore[misc]
-            for layer, (a, g) in factors.items()
-        }
-        self._factors, self._owners, self._scalars, self.damping = factors, owners, scalars, damping
+        if not set(owners.values()) <= set(factors):
+            raise ValueError("a K-FAC state names layers without factors")
+        self._roots = {}
+        for layer, (a, g) in factors.items():
+            a_root, g_root = damped_inverse_roots(a, g, self.damping)
+            self._roots[layer] = a_root.to(a.dtype), g_root.to(g.dtype)
+        self._factors, self._owners, self._scales = factors, owners, scales
 
-    def _check_fitted(self) -> None:
-        if not self.fitted:
-            raise RuntimeError("KFAC is not fitted: call fit(model, data) or load_state_dict first")
+    def _known(self, name: str) -> None:
+        """Clear errors before fit or for a parameter the metric was not fitted on."""
+        self._lookup(self.dims or {}, name)
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        self._check_fitted()
-        if name in self._scalars:
-            return squared_row_norms(grads) / self._scalars[name]
-        if name not in self._owners:
-            raise KeyError(f"KFAC was not fitted on parameter {name!r}")
+        self._known(name)
+        if name in self._scales:
+            return squared_row_norms(grads) / self._scales[name]
         a_root, g_root = (r.to(grads.device, grads.dtype) for r in self._roots[self._owners[name]])
         if grads.ndim == 2:  # a bias: bᵀ G⁻¹ b
             if grads.shape[1] != g_root.shape[0]:
@@ -355,26 +327,25 @@ class KFAC(Metric):
 
     def diagonal(self, name: str) -> float | None:
         """``1/λ_l`` for layer-scalar parameters (engines then skip materialising them), else ``None``."""
-        self._check_fitted()
-        return 1.0 / self._scalars[name] if name in self._scalars else None
+        self._known(name)
+        return 1.0 / self._scales[name] if name in self._scales else None
 
     def state_dict(self) -> dict[str, Any]:
-        self._check_fitted()
+        if not self.fitted:
+            raise RuntimeError("the kfac metric is not fitted: there is no state to save")
         return {
-            "fisher": self.fisher,
-            "damping": self.damping,
-            "factors": {",".join(layer): {"A": a, "G": g} for layer, (a, g) in self._factors.items()},
-            "owners": {name: ",".join(layer) for name, layer in self._owners.items()},
-            "layer_scalars": dict(self._scalars),
+            "options": self.options(),
+            "dims": self.dims,
+            "factors": {layer: {"A": a, "G": g} for layer, (a, g) in self._factors.items()},
+            "owners": self._owners,
+            "scales": self._scales,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"fisher", "damping", "factors", "owners", "layer_scalars"} - set(state)
+        missing = {"options", "dims", "factors", "owners", "scales"} - set(state)
         if missing:
             raise ValueError(f"not a KFAC state: missing {sorted(missing)}")
-        factors = {tuple(key.split(",")): (f["A"], f["G"]) for key, f in state["factors"].items()}
-        owners = {name: tuple(key.split(",")) for name, key in state["owners"].items()}
-        if not set(owners.values()) <= set(factors):
-            raise ValueError("KFAC state names layers without factors")
-        self.fisher = check_source(state["fisher"])
-        self._set(factors, owners, dict(state["layer_scalars"]), float(state["damping"]))
+        self._restore_options(state)
+        factors = {layer: (f["A"], f["G"]) for layer, f in state["factors"].items()}
+        self._set(factors, dict(state["owners"]), dict(state["scales"]))
+        self.dims = dict(state["dims"])

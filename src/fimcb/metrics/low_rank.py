@@ -1,6 +1,6 @@
 """The "full" metric: per layer, ``F_l ≈ δ_l·I + (1/N) Σ_i s_i s_iᵀ`` over N reference gradients.
 
-Scored through the Woodbury identity, ``s ᵀF⁻¹ s = (1/δ)(||s||² − kᵀ(NδI + K)⁻¹k)`` with
+Scored through the Woodbury identity, ``sᵀF⁻¹s = (1/δ)(||s||² − kᵀ(NδI + K)⁻¹k)`` with
 ``K_ij = s_i·s_j`` and ``k_i = s_i·s``: a Cholesky factor of ``NδI + K`` is computed once at fit,
 so scoring costs one ``[B, d] × [d, N]`` product and a triangular solve per layer. The difference
 ``||s||² − kᵀ(…)⁻¹k`` cancels when ``s`` lies near the span of the references, so it is computed
@@ -39,7 +39,7 @@ from fimcb.metrics.diagonal import (
     check_bool,
     check_positive_float,
     check_positive_int,
-    layer_scales,
+    layer_dampings,
 )
 from fimcb.protocol import LogLikelihoodFn
 
@@ -255,11 +255,9 @@ class LowRank(FittedMetric):
         self, sums: dict[str, Tensor], count: int, params: dict[str, nn.Parameter]
     ) -> dict[str, float]:
         """δ_l per layer from the sums of squared reference norms (see ``relative_damping``)."""
-        if not self.relative_damping:
-            return dict.fromkeys(params, self.damping)
+        means = {n: s / count for n, s in sums.items()}
         dims = {n: p.numel() for n, p in params.items()}
-        scales = layer_scales({n: s / count for n, s in sums.items()}, dims)
-        return {n: self.damping * s for n, s in scales.items()}
+        return layer_dampings(self.damping, self.relative_damping, means, dims)
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         return self._lookup(self.layers, name).squared_norms(grads)
