@@ -71,7 +71,7 @@ def tables(results: dict) -> str:
     """One markdown table per run and group size: rows metric × detector, columns OOD sets."""
     lines = []
     for run, by_metric in results.items():
-        groups = sorted({int(k) for by_k in by_metric.values() for k in by_k})
+        groups = sorted({k for by_k in by_metric.values() for k in by_k})
         for k in groups:
             first = next(by_k[k] for by_k in by_metric.values() if k in by_k)
             ood_sets = list(first["aurocs"])
@@ -92,25 +92,63 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary(results: dict) -> str:
+    """Per run and group size: the best FIM method (metric × detector) on each OOD set against typicality."""
+    lines = [
+        "| run | k | OOD set | best FIM method | AUROC | typicality | likelihood |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run, by_metric in results.items():
+        groups = sorted({k for by_k in by_metric.values() for k in by_k})
+        for k in groups:
+            entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
+            first = next(iter(entries.values()))
+            for ood in first:
+                candidates = [
+                    (aurocs[ood][d], f"{m} + {d}")
+                    for m, aurocs in entries.items()
+                    for d in aurocs[ood]
+                    if d not in BASELINES
+                ]
+                best, label = max(candidates)
+                base = first[ood]
+                lines.append(
+                    f"| {run} | {k} | {ood} | {label} | {best:.3f} | {base['typicality']:.3f} | "
+                    f"{base['likelihood']:.3f} |"
+                )
+    return "\n".join(lines)
+
+
+def load(path: Path) -> dict:
+    """Results written by this script (JSON turns the group sizes into strings: back to ints)."""
+    raw = json.loads(path.read_text())
+    return {run: {m: {int(k): v for k, v in by_k.items()} for m, by_k in r.items()} for run, r in raw.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (config.yaml + checkpoints/)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (config.yaml + checkpoints/)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     parser.add_argument("--groups", nargs="+", type=int, default=[1, 5])
     parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
     parser.add_argument("--fisher-samples", type=int, default=1000)
     parser.add_argument("--max-samples", type=int, default=1000, help="per set")
     parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
+    parser.add_argument("--collect", nargs="+", type=Path, help="only print the tables of these JSON files")
     args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
     args.overrides = [a for a in unknown if a != "--"]
+    if args.collect:
+        results = {run: r for path in args.collect for run, r in load(path).items()}
+        print(tables(results) + "\n\n" + summary(results))
+        return
     results = {}
     if args.out.exists():
-        results = json.loads(args.out.read_text())  # runs scored earlier keep their entries
+        results = load(args.out)  # runs scored earlier keep their entries
     for run_dir in args.runs:
         results[str(run_dir)] = evaluate_run(run_dir, args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-    print(tables(results))
+    print(tables(results) + "\n\n" + summary(results))
 
 
 if __name__ == "__main__":

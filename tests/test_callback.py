@@ -16,6 +16,7 @@ from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
 from fimcb.evaluation import load_features
+from fimcb.metrics import METRICS
 from fimcb.models import Glow
 
 OOD = ["sample_patches", "vflip", "noise"]
@@ -204,6 +205,30 @@ def test_ood_loaders_given_to_the_callback_and_groups(tmp_path: Path) -> None:
     assert list(metrics) == ["flipped"] and list(metrics["flipped"]) == ["fim_gaussian", "typicality"]
     assert len(callback.result.norms["test"]) == 48 // 4
     assert math.isfinite(metrics["flipped"]["fim_gaussian"]["auroc"])
+
+
+@pytest.mark.parametrize("metric", ["layer_scalar", "kfac"])
+def test_a_fitted_metric_is_fitted_on_training_data_used_and_saved(tmp_path: Path, metric: str) -> None:
+    model, dm = _model(), _datamodule()
+    callback = _callback(metric=metric, methods=["fim_gaussian_full", "fisher_method", "total_norm"])
+    trainer = _trainer(tmp_path, [callback], max_steps=4)
+    trainer.fit(model, dm)
+    fitted = callback.result.metric
+    assert fitted.name == metric and fitted.fitted
+    restored = METRICS[metric]()
+    restored.load_state_dict(torch.load(Path(trainer.log_dir) / "fim_metric.pt", weights_only=True))
+    x = torch.stack([dm.test_dataloader().dataset[i][0] for i in range(8)])
+    expected = per_sample_layer_norms(model, x, metric=fitted, engine="loop")
+    again = per_sample_layer_norms(model, x, metric=restored, engine="loop")
+    torch.testing.assert_close(again.values, expected.values)
+    torch.testing.assert_close(callback.result.norms["test"].values[:8], expected.values, rtol=1e-4, atol=0)
+    metrics = json.loads((Path(trainer.log_dir) / "ood_metrics.json").read_text())
+    assert list(metrics["noise"]) == ["fim_gaussian_full", "fisher_method", "total_norm"]
+
+
+def test_unknown_metric_fails_when_the_callback_is_built() -> None:
+    with pytest.raises(ValueError, match="unknown metric"):
+        FIMNormCallback(metric="fullest")
 
 
 def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
