@@ -10,7 +10,8 @@ detectors' fit set), the test split (in-distribution) and every OOD set of the r
 computed (at most ``--max-samples`` samples per set), every detector is fitted on the validation
 features only and AUROCs are computed against the test split. Nothing is fitted or tuned on an OOD
 set. Prints markdown tables (AUROC per OOD set; seconds to fit the metric and to score all sets) and
-writes everything to ``--out`` as JSON.
+writes everything to ``--out`` as JSON; the features are kept in ``RUN/ood_benchmark/`` so that a
+second pass (new detectors) skips the scoring.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import argparse
 import inspect
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from finished_runs import load_run
 
 from fimcb.detectors import DETECTORS
+from fimcb.engine import LayerNorms
 from fimcb.evaluation import fit_and_score
 from fimcb.metrics import METRICS
 from fimcb.scoring import ScoringOptions, layer_norms_over
@@ -51,9 +55,16 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         out[name] = {}
         for k in args.groups:
             scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
+            cache = run_dir / "ood_benchmark" / f"{name}_{args.fisher}_k{k}.pt"
             start = time.perf_counter()
-            norms = {s: layer_norms_over(run.model, loader, scoring, name=s) for s, loader in sets.items()}
-            score_seconds = time.perf_counter() - start
+            if cache.exists():  # features of an earlier pass: only the detectors run again
+                norms, score_seconds = torch.load(cache, weights_only=False)
+                norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
+            else:
+                norms = {s: layer_norms_over(run.model, data, scoring, name=s) for s, data in sets.items()}
+                score_seconds = time.perf_counter() - start
+                cache.parent.mkdir(exist_ok=True)
+                torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds), cache)
             fit, test = norms.pop("fit"), norms.pop("test")
             result = fit_and_score(fit, test, norms, [*detectors, *BASELINES])
             aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.metrics.items()}

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from fimcb import LayerNorms
 from fimcb.detectors import Detector, FIMGaussian, NotFittedError, build_detector
-from fimcb.detectors.covariance import FullGaussian, ledoit_wolf
+from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood, ledoit_wolf
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod, gamma_log_cdf_sf
 
 NEW = (FullGaussian, ChiSquare, FisherMethod)
@@ -288,3 +288,31 @@ def test_names_and_errors(cls: type[Detector]) -> None:
 def test_chi_square_rejects_unknown_estimator() -> None:
     with pytest.raises(ValueError, match="'ml' or 'moments'"):
         ChiSquare(estimator="mle")  # type: ignore[arg-type]
+
+
+def test_full_gaussian_with_likelihood_uses_the_likelihood_as_one_more_feature() -> None:
+    generator = torch.Generator().manual_seed(3)
+
+    def norms(n: int, ll_shift: float) -> LayerNorms:
+        values = torch.exp(torch.randn(n, 3, generator=generator, dtype=torch.float64))
+        ll = torch.randn(n, generator=generator, dtype=torch.float64) + ll_shift
+        return LayerNorms(values, ("a", "b", "c"), ll)
+
+    fit, test, ood = norms(400, 0.0), norms(300, 0.0), norms(300, 4.0)  # same gradients, other likelihood
+    labels = [0] * len(test) + [1] * len(ood)
+
+    def auroc(detector) -> float:
+        detector.fit(fit)
+        return roc_auc_score(labels, torch.cat([detector.score(test), detector.score(ood)]).numpy())
+
+    assert auroc(FullGaussianWithLikelihood()) > 0.95
+    assert 0.4 < auroc(FullGaussian()) < 0.6
+    joint = FullGaussianWithLikelihood().fit(fit)
+    assert joint.state["keep"].shape == (4,)  # three layers and the log-likelihood
+    expected = FullGaussian().fit(
+        LayerNorms(torch.cat([fit.values, fit.log_likelihood.exp().reshape(-1, 1)], 1), ("a", "b", "c", "ll"),
+                   fit.log_likelihood)
+    )
+    probe = LayerNorms(torch.cat([test.values, test.log_likelihood.exp().reshape(-1, 1)], 1),
+                       ("a", "b", "c", "ll"), test.log_likelihood)
+    torch.testing.assert_close(joint.score(test), expected.score(probe))

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from fimcb.detectors.base import Detector, NotFittedError
 from fimcb.detectors.baselines import Likelihood, TotalNorm, Typicality
-from fimcb.detectors.covariance import FullGaussian
+from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood
 from fimcb.detectors.gaussian import FIMGaussian
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod
 
 DETECTORS: dict[str, type[Detector]] = {
-    d.name: d for d in (FIMGaussian, FullGaussian, ChiSquare, FisherMethod, TotalNorm, Likelihood, Typicality)
+    d.name: d
+    for d in (
+        FIMGaussian,
+        FullGaussian,
+        FullGaussianWithLikelihood,
+        ChiSquare,
+        FisherMethod,
+        TotalNorm,
+        Likelihood,
+        Typicality,
+    )
 }
 DEFAULT_METHODS: tuple[str, ...] = ("fim_gaussian", "total_norm", "likelihood", "typicality")
 
@@ -31,6 +41,7 @@ __all__ = [
     "FIMGaussian",
     "FisherMethod",
     "FullGaussian",
+    "FullGaussianWithLikelihood",
     "Likelihood",
     "NotFittedError",
     "TotalNorm",

@@ -67,7 +67,7 @@ class FullGaussian(FIMGaussian):
 
     def _standardised(self, norms: LayerNorms, state: dict[str, Any]) -> Tensor:
         keep = state["keep"]
-        return (norms.log_features().cpu()[:, keep] - state["mean"][keep]) / state["std"][keep]
+        return (self.features(norms).cpu()[:, keep] - state["mean"][keep]) / state["std"][keep]
 
     def _fit(self, norms: LayerNorms) -> dict[str, Any]:
         state = super()._fit(norms)
@@ -89,3 +89,15 @@ class FullGaussian(FIMGaussian):
     def fitted_shrinkage(self) -> float:
         """The shrinkage α used by the fit (estimated by Ledoit–Wolf unless fixed)."""
         return float(self.state["shrinkage"])
+
+
+class FullGaussianWithLikelihood(FullGaussian):
+    """:class:`FullGaussian` on the log features plus the log-likelihood as one more feature: one joint
+    density of "how large is each layer's gradient" and "how likely is the sample", so that the
+    detector can use what the gradients add to the likelihood (and typicality) and vice versa."""
+
+    name = "fim_gaussian_full_ll"
+
+    def features(self, norms: LayerNorms) -> Tensor:
+        ll = norms.log_likelihood.to(torch.float64).reshape(-1, 1).to(norms.values.device)
+        return torch.cat([norms.log_features(), ll], dim=1)

@@ -23,8 +23,12 @@ class FIMGaussian(Detector):
 
     name = "fim_gaussian"
 
+    def features(self, norms: LayerNorms) -> Tensor:
+        """``[N, F]`` float64 features the Gaussians are fitted on: the log squared norms."""
+        return norms.log_features()
+
     def _fit(self, norms: LayerNorms) -> dict[str, Any]:
-        features = norms.log_features()
+        features = self.features(norms)
         mean, std = features.mean(dim=0), features.std(dim=0)
         keep = std > MIN_STD
         if not keep.any():
@@ -36,10 +40,10 @@ class FIMGaussian(Detector):
     def _score(self, norms: LayerNorms) -> Tensor:
         keep = self.state["keep"]
         mean, std = self.state["mean"][keep], self.state["std"][keep]
-        z = (norms.log_features().cpu()[:, keep] - mean) / std
+        z = (self.features(norms).cpu()[:, keep] - mean) / std
         return (0.5 * z.pow(2) + std.log() + 0.5 * math.log(2 * math.pi)).sum(dim=1)
 
     @property
     def kept_layers(self) -> list[str]:
         """Names of the layers the fitted detector uses."""
-        return [n for n, k in zip(self.state["names"], self.state["keep"].tolist(), strict=True) if k]
+        return [n for n, k in zip(self.state["names"], self.state["keep"].tolist(), strict=False) if k]

@@ -72,7 +72,7 @@ class FisherMethod(FisherCombination, FIMGaussian):
 
     def _log_p_values(self, norms: LayerNorms) -> Tensor:
         keep = self.state["keep"]
-        z = (norms.log_features().cpu()[:, keep] - self.state["mean"][keep]) / self.state["std"][keep]
+        z = (self.features(norms).cpu()[:, keep] - self.state["mean"][keep]) / self.state["std"][keep]
         return torch.special.log_ndtr(-z.abs()) + math.log(2)
 
 
