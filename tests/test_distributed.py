@@ -15,10 +15,11 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 from toy_models import ConvEnergy
 
-from fimcb import FIMNormCallback
+from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.distributed import shard_units
 from fimcb.evaluation import ood_evaluation
+from fimcb.metrics import KFAC, FittedDiagonal, LowRank
 from fimcb.models import Glow
 from fimcb.scoring import ScoringOptions, layer_norms_over
 
@@ -51,12 +52,23 @@ def _score(group_size: int, with_ids: bool, max_samples: int | None) -> object:
 CASES = [(1, True, None), (5, True, None), (3, False, 20)]
 
 
+def _fitted_metrics(rank: int, world: int) -> dict[str, dict]:
+    """States of metrics fitted on this rank's share (every ``world``-th sample) of a fixed data set."""
+    model, data = _setup()
+    x = data.tensors[0][rank::world]
+    states = {}
+    for metric in (FittedDiagonal(n_samples=100), KFAC(n_samples=100), LowRank(n_reference=100)):
+        metric.fit(model, DataLoader(TensorDataset(x), batch_size=5))
+        states[metric.name] = metric.state_dict()
+    return states
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         results = [_score(*case) for case in CASES]
-        torch.save(results, Path(out) / f"rank{rank}.pt")
+        torch.save((results, _fitted_metrics(rank, WORLD)), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -68,16 +80,50 @@ def test_shards_cover_every_unit_with_equal_sizes(n: int, world: int) -> None:
     assert sorted({u for s in shards for u in s}) == list(range(n))
 
 
-def test_sharded_scoring_equals_single_process(tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workers' results: one spawn of WORLD gloo processes for all tests of this module."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def test_sharded_scoring_equals_single_process(spawned: Path) -> None:
+    tmp_path = spawned
     for case in CASES:
         expected = _score(*case)
         for rank in range(WORLD):
-            got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)[CASES.index(case)]
+            got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)[0][CASES.index(case)]
             assert got.names == expected.names
             assert torch.equal(got.ids, expected.ids), case
             torch.testing.assert_close(got.values, expected.values, rtol=1e-5, atol=0)
             torch.testing.assert_close(got.log_likelihood, expected.log_likelihood)
+
+
+def test_metrics_fitted_in_parallel_equal_one_fit_on_all_data(spawned: Path) -> None:
+    single = _fitted_metrics(0, 1)
+    ranks = [torch.load(spawned / f"rank{r}.pt", weights_only=False)[1] for r in range(WORLD)]
+    model, _ = _setup()
+    x = torch.rand(6, 1, 8, 8)
+    for name, cls in (("diagonal", FittedDiagonal), ("kfac", KFAC)):  # reduced statistics: equal
+        expected = cls()
+        expected.load_state_dict(single[name])
+        for state in ranks:
+            metric = cls()
+            metric.load_state_dict(state[name])
+            torch.testing.assert_close(
+                per_sample_layer_norms(model, x, metric=metric, engine="loop").values,
+                per_sample_layer_norms(model, x, metric=expected, engine="loop").values,
+                rtol=1e-5,
+                atol=0,
+            )
+    low_rank = [LowRank(), LowRank()]
+    for metric, state in zip(low_rank, ranks, strict=True):
+        metric.load_state_dict(state["low_rank"])
+    torch.testing.assert_close(  # every rank scores with rank zero's references
+        per_sample_layer_norms(model, x, metric=low_rank[0], engine="loop").values,
+        per_sample_layer_norms(model, x, metric=low_rank[1], engine="loop").values,
+    )
 
 
 def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:

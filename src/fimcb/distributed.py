@@ -11,12 +11,14 @@ result, on every rank. Without an initialised process group everything runs loca
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fimcb.engine import LayerNorms
+if TYPE_CHECKING:  # fimcb.engine imports the metrics, which import this module: no cycle at run time
+    from fimcb.engine import LayerNorms
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -33,6 +35,15 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     total = x.clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total
+
+
+def broadcast_from_zero(obj: Any) -> Any | None:
+    """Rank zero's ``obj`` on every rank (pickled; for small states), ``None`` without a process group."""
+    if rank_and_world()[1] == 1:
+        return None
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def shard_units(n_units: int, rank: int, world_size: int) -> list[int]:
@@ -63,6 +74,8 @@ def _all_gather(x: Tensor) -> Tensor:
 def gather_rows(local: LayerNorms, units: list[int], n_units: int) -> LayerNorms:
     """All ranks' rows in unit order, identical on every rank; ``local`` holds this rank's rows for
     :func:`shard_units` (row ``i`` is unit ``units[i]``), and the wrap-around padding rows are dropped."""
+    from fimcb.engine import LayerNorms
+
     rank, world_size = rank_and_world()
     if units != shard_units(n_units, rank, world_size):
         raise ValueError("gather_rows expects the rows of shard_units(n_units, rank, world_size)")

@@ -18,10 +18,9 @@ Options that bound the cost:
   and δ must be known before the first update, it first takes one cheap pass of squared norms over
   the same Fisher inputs (``data`` must yield the same samples twice: a loader without shuffling).
 
-Distributed training: no collective calls are made; each rank fits on the references it is given
-(its own shard of ``data``). With the true Fisher every rank draws the same seeded samples, so all
-ranks hold the same metric; with the empirical one, fit on one rank and load its ``state_dict`` on
-the others where identical metrics are needed.
+Distributed training: each rank fits on the references it is given (its own shard of ``data``),
+then every rank takes rank zero's fitted state (one broadcast), so that all ranks score with the same
+metric, whose references are rank zero's N samples.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fimcb.distributed import broadcast_from_zero
 from fimcb.metrics.base import squared_row_norms
 from fimcb.metrics.diagonal import (
     FittedMetric,
@@ -172,6 +172,9 @@ class LowRank(FittedMetric):
         fit = self._fit_online if self.online else self._fit_batch
         self.layers = fit(model, data, log_likelihood, params, sketches)
         self.dims = {name: p.numel() for name, p in params.items()}
+        shared = broadcast_from_zero(self.state_dict())  # every DDP rank scores with rank zero's metric
+        if shared is not None:
+            self.load_state_dict(shared)
         return self
 
     def _fit_batch(
