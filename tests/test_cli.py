@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from lightning.pytorch import LightningDataModule
 
-from fimcb.cli import main
+from fimcb.cli import FIMCLI, main
+from fimcb.models import LikelihoodModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
@@ -105,3 +107,29 @@ def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) ->
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("fimcb.models.")
     assert printed["trainer"]["callbacks"][0]["class_path"] == "fimcb.FIMNormCallback"
+
+
+def _instantiate(config: Path, root: Path) -> FIMCLI:
+    args = ["--config", str(config), "--trainer.default_root_dir", str(root)]
+    return FIMCLI(LikelihoodModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  args=args, run=False)
+
+
+def test_metric_and_detectors_by_name_from_yaml(tmp_path: Path) -> None:
+    config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    callback = config["trainer"]["callbacks"][0]["init_args"]
+    low_rank = {"n_reference": 8, "fisher": "true"}
+    callback["metric"] = {"class_path": "fimcb.metrics.LowRank", "init_args": low_rank}
+    callback["methods"] = ["fim_gaussian_full", "chi_square", "fisher_method", "typicality"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = _instantiate(path, tmp_path)
+    (built,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback"]
+    assert type(built.metric).__name__ == "LowRank" and built.metric.options()["n_reference"] == 8
+    assert built.metric.fisher == "true"
+    assert built.methods == ["fim_gaussian_full", "chi_square", "fisher_method", "typicality"]
+    callback["metric"] = "kfac"
+    path.write_text(yaml.safe_dump(config))
+    cli = _instantiate(path, tmp_path)
+    (built,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback"]
+    assert built.metric == "kfac"
