@@ -55,7 +55,8 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         out[name] = {}
         for k in args.groups:
             scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
-            cache = run_dir / "ood_benchmark" / f"{name}_{args.fisher}_k{k}.pt"
+            prefix = f"{args.tag}_" if args.tag else ""
+            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}.pt"
             start = time.perf_counter()
             if cache.exists():  # features of an earlier pass: only the detectors run again
                 norms, score_seconds = torch.load(cache, weights_only=False)
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("--fisher-samples", type=int, default=1000)
     parser.add_argument("--max-samples", type=int, default=1000, help="per set")
     parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
+    parser.add_argument("--tag", default="", help="names results and cached features scored with overrides")
     parser.add_argument("--collect", nargs="+", type=Path, help="only print the tables of these JSON files")
     args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
     args.overrides = [a for a in unknown if a != "--"]
@@ -156,7 +158,7 @@ def main() -> None:
     if args.out.exists():
         results = load(args.out)  # runs scored earlier keep their entries
     for run_dir in args.runs:
-        results[str(run_dir)] = evaluate_run(run_dir, args)
+        results[f"{run_dir}{' ' + args.tag if args.tag else ''}"] = evaluate_run(run_dir, args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
     print(tables(results) + "\n\n" + summary(results))

@@ -316,3 +316,18 @@ def test_auto_times_the_exact_backends_once_and_keeps_the_faster(caplog: pytest.
         second = per_sample_layer_norms(model, x, engine="auto")
     assert caplog.text.count("engine 'auto' uses") == 1 and "hooks" in caplog.text and "func" in caplog.text
     torch.testing.assert_close(first.values, second.values)
+
+
+def test_chunk_size_follows_an_estimate_of_memory() -> None:
+    """A model too large for a default-size chunk of per-sample gradients gets smaller chunks, down to one
+    group at a time; measured on meta tensors, so nothing is allocated."""
+    from fimcb.engine.api import DEFAULT_MEMORY_BUDGET, MAX_CHUNK, default_chunk_size
+
+    def params(n_floats: int) -> dict[str, torch.nn.Parameter]:
+        return {"w": torch.nn.Parameter(torch.empty(n_floats, device="meta"))}
+
+    assert default_chunk_size(params(1000)) == MAX_CHUNK
+    per_group = 4 * 4  # four float32 copies per gradient entry
+    middle = DEFAULT_MEMORY_BUDGET // (per_group * 10)
+    assert default_chunk_size(params(middle)) == 10
+    assert default_chunk_size(params(10**10)) == 1  # 40 GB of gradients per sample: one at a time
