@@ -131,6 +131,25 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(results: dict) -> str:
+    """Per run and group size, the mean AUROC over its OOD sets of every metric × detector pair: a
+    comparison of the approximations at a fixed detector, with no choice made on the OOD sets."""
+    lines = []
+    for run, by_metric in results.items():
+        for k in sorted({k for by_k in by_metric.values() for k in by_k}):
+            entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
+            detectors = [d for d in next(iter(next(iter(entries.values())).values())) if d not in BASELINES]
+            lines += [f"\n### {run}, k = {k}: mean AUROC over the OOD sets\n",
+                      "| metric | " + " | ".join(detectors) + " |", "|---|" + "---|" * len(detectors)]
+            for metric, aurocs in entries.items():
+                means = [sum(a[d] for a in aurocs.values()) / len(aurocs) for d in detectors]
+                lines.append(f"| {metric} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+            first = next(iter(entries.values()))
+            base = {b: sum(a[b] for a in first.values()) / len(first) for b in BASELINES}
+            lines.append("baselines: " + ", ".join(f"{b} {v:.3f}" for b, v in base.items()))
+    return "\n".join(lines)
+
+
 def load(path: Path) -> dict:
     """Results written by this script (JSON turns the group sizes into strings: back to ints)."""
     raw = json.loads(path.read_text())
@@ -151,8 +170,11 @@ def main() -> None:
     args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
     args.overrides = [a for a in unknown if a != "--"]
     if args.collect:
-        results = {run: r for path in args.collect for run, r in load(path).items()}
-        print(tables(results) + "\n\n" + summary(results))
+        results: dict = {}
+        for path in args.collect:  # files may hold other metrics of the same run: merge per metric
+            for run, by_metric in load(path).items():
+                results.setdefault(run, {}).update(by_metric)
+        print(tables(results) + "\n\n" + summary(results) + "\n" + compare(results))
         return
     results = {}
     if args.out.exists():
@@ -161,7 +183,7 @@ def main() -> None:
         results[f"{run_dir}{' ' + args.tag if args.tag else ''}"] = evaluate_run(run_dir, args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-    print(tables(results) + "\n\n" + summary(results))
+    print(tables(results) + "\n\n" + summary(results) + "\n" + compare(results))
 
 
 if __name__ == "__main__":
