@@ -68,10 +68,9 @@ class Factor(ABC):
         if shortcut is not None:
             return shortcut
         step = max(1, MATERIALISE_BUDGET // max(1, shape.numel()))
-        parts = [
-            metric.squared_norms(name, self.dense(slice(s, s + step)).reshape(-1, *shape))
-            for s in range(0, self.n_groups, step)
-        ]
+        # Explicit row counts: "-1" is ambiguous for an empty parameter (a layer with no inputs).
+        rows = [(s, min(step, self.n_groups - s)) for s in range(0, self.n_groups, step)]
+        parts = [metric.squared_norms(name, self.dense(slice(s, s + n)).reshape(n, *shape)) for s, n in rows]
         return torch.cat(parts)
 
     @staticmethod

@@ -110,6 +110,8 @@ def _conv_factors(
     columns of ``unfolded``. A convolution passes (input, output gradient, input); a transposed one,
     being the adjoint, passes (output gradient, input, output gradient)."""
     batch, channels = grad_side.shape[:2]
+    if grad_side.numel() == 0 or unfolded.numel() == 0:  # an empty feature map: the weight gets no gradient
+        return {"weight": Dense(grad_side.new_zeros(batch, *module.weight.shape))}
     rows = grad_side.reshape(batch, channels, -1).transpose(1, 2)  # [B, positions, channels]
     weight = _weight_factor(
         module,

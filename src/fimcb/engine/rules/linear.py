@@ -15,10 +15,11 @@ class LinearRule(Rule):
     def factors(
         self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
     ) -> dict[str, Factor]:
-        grad = grads[0]
+        grad, a = grads[0], inputs[0]
         batch = grad.shape[0]
-        b = grad.reshape(batch, -1, grad.shape[-1])
-        out: dict[str, Factor] = {"weight": OuterSum(b, inputs[0].reshape(batch, -1, inputs[0].shape[-1]))}
+        positions = grad[0, ..., 0].numel()  # explicit: "-1" is ambiguous for zero input features
+        b = grad.reshape(batch, positions, grad.shape[-1])
+        out: dict[str, Factor] = {"weight": OuterSum(b, a.reshape(batch, positions, a.shape[-1]))}
         if module.bias is not None:
             out["bias"] = Dense(b.sum(1))
         return out
