@@ -10,12 +10,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
 from fimcb.evaluation import load_features
+from fimcb.history import load_history
 from fimcb.metrics import METRICS
 from fimcb.models import Glow
 
@@ -260,3 +262,40 @@ def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest
     images = [r for r in rows if "samples/_type" in r]  # nested keys come back joined by "/"
     assert images and images[0]["samples/_type"] == "images/separated"
     assert list(run_dir.glob("files/media/images/samples_*.png"))
+
+
+def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = _datamodule()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
+    first = _callback(evaluate_ood=False, history_flush_rows=25)  # several parts: memory stays bounded
+    trainer = _trainer(tmp_path, [first, checkpoints], max_steps=10, logger=CSVLogger(tmp_path, "run", 0),
+                       enable_checkpointing=True)
+    trainer.fit(_model(), dm)  # "killed" at step 10, after the checkpoint of step 8
+    history_dir = Path(trainer.log_dir) / "history"
+    assert len(list(history_dir.glob("part-*.pt"))) > 2
+    before = load_history(history_dir)
+    assert sorted(set(before.select("train_probe").step.tolist())) == [0, 4, 8]
+    assert sorted(set(before.select("val").step.tolist())) == [5, 10]
+
+    # The logged summary of the last training-probe event is the mean of its rows.
+    rows = before.select("train_probe")
+    last = rows.total[rows.step == 8].double().log().mean()
+    logged = next(r for r in reversed(_rows(trainer)) if r.get("fim/train_probe/log_norm_mean"))
+    assert float(logged["fim/train_probe/log_norm_mean"]) == pytest.approx(float(last), rel=1e-5)
+    assert sorted(rows.id[rows.step == 8].tolist()) == sorted(first.probe_indices["train"])
+
+    resumed = _trainer(tmp_path, [_callback(evaluate_ood=False)], max_steps=16,
+                       logger=CSVLogger(tmp_path, "run", 0))
+    resumed.fit(_model(), _datamodule(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
+    after = load_history(history_dir)
+    keys = list(zip(after.split, after.step.tolist(), after.id.tolist(), strict=True))
+    assert len(keys) == len(set(keys))  # the replayed validation of step 10 replaced the first one
+    train_steps = after.select("train_probe").step.tolist()
+    assert sorted(set(train_steps)) == [0, 4, 8, 12, 16] and len(train_steps) == 5 * 12
+    val_steps = after.select("val").step.tolist()
+    assert sorted(set(val_steps)) == [5, 10, 15] and len(val_steps) == 3 * 10
+    ids, steps, grid = after.trajectories("train_probe")
+    assert sorted(ids.tolist()) == sorted(resumed.callbacks[0].probe_indices["train"])
+    assert grid.shape == (12, 5) and torch.isfinite(grid).all()
+    assert steps.tolist() == [0, 4, 8, 12, 16]

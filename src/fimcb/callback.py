@@ -26,6 +26,7 @@ from torch.utils.data.dataloader import default_collate
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
+from fimcb.history import HistoryWriter
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
@@ -60,6 +61,10 @@ class FIMNormCallback(Callback):
         chunk_size: samples per vectorised call of the engine (default: sized from memory).
         seed: seed of the probe selection (a private generator: training's RNG is untouched).
         output_file: name of the metrics JSON written into the run's log directory.
+        history: append every tracking event's per-sample rows (sample id, split, step, epoch,
+            per-layer norms, log-likelihood) to ``<log_dir>/history/`` (:mod:`fimcb.history`;
+            ``fimcb.history.load_history`` reads them back).
+        history_flush_rows: rows kept in memory before they are written (and at each checkpoint).
         progress: show a progress bar during the end-of-training scoring passes.
     """
 
@@ -80,6 +85,8 @@ class FIMNormCallback(Callback):
         chunk_size: int | None = None,
         seed: int = 0,
         output_file: str = "ood_metrics.json",
+        history: bool = True,
+        history_flush_rows: int = 50_000,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -111,8 +118,11 @@ class FIMNormCallback(Callback):
         )
         self.seed = seed
         self.output_file = output_file
+        self.history = history
+        self.history_flush_rows = history_flush_rows
+        self._writer: HistoryWriter | None = None
         self.probe_indices: dict[str, list[int]] = {}
-        self._probe_inputs: dict[tuple[str, int], Tensor] = {}  # collated once: augmentations stay fixed
+        self._probe_inputs: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # collated once
         self.last_tracked_step = -1
         self.result: OODResult | None = None
         # Wall-clock seconds spent in this callback, so its cost relative to training is visible.
@@ -123,6 +133,22 @@ class FIMNormCallback(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_log_likelihood(pl_module)  # fail before training starts, with what to add
+        if self.history and self._writer is None:
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: on every rank
+            self._writer = HistoryWriter(log_dir / "history", self.history_flush_rows)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Any) -> None:
+        self._flush_history(trainer)  # what a resume from this checkpoint starts after is on disk
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._flush_history(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, error: BaseException) -> None:
+        self._flush_history(trainer)  # nothing measured is lost when training fails
+
+    def _flush_history(self, trainer: L.Trainer) -> None:
+        if self._writer is not None and trainer.is_global_zero:
+            self._writer.flush()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -160,8 +186,8 @@ class FIMNormCallback(Callback):
         if step % self.every_n_train_steps or step == self.last_tracked_step:
             return  # with gradient accumulation several batches end on the same step
         self.last_tracked_step = step
-        x = self._probe(trainer, "train", trainer.train_dataloader, self.n_train_probe)
-        self._track(trainer, pl_module, "train_probe", x)
+        probe = self._probe(trainer, "train", trainer.train_dataloader, self.n_train_probe)
+        self._track(trainer, pl_module, "train_probe", probe)
 
     def _track_eval_split(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, loaders: Any
@@ -169,9 +195,12 @@ class FIMNormCallback(Callback):
         if self.n_val_probe and loaders is not None:
             self._track(trainer, pl_module, split, self._probe(trainer, split, loaders, self.n_val_probe))
 
-    def _track(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, x: Tensor) -> None:
+    def _track(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, probe: tuple[Tensor, Tensor]
+    ) -> None:
         start = time.perf_counter()
         k = self.options.group_size
+        x, ids = probe
 
         def score(units: list[int]) -> LayerNorms:
             positions = torch.as_tensor([u * k + i for u in units for i in range(k)], device=x.device)
@@ -188,11 +217,15 @@ class FIMNormCallback(Callback):
         metrics = summarize(norms, f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if self._writer is not None and trainer.is_global_zero:
+            rows = ids[: len(norms) * k : k]  # a group's id is its first sample's
+            self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, rows)
         self.seconds["tracking"] += time.perf_counter() - start
 
-    def _probe(self, trainer: L.Trainer, split: str, loaders: Any, n: int) -> Tensor:
-        """The fixed probe inputs of ``split``: the same samples at every event, and after a resume
-        (the indices are in the callback's state), collated once per dataset."""
+    def _probe(self, trainer: L.Trainer, split: str, loaders: Any, n: int) -> tuple[Tensor, Tensor]:
+        """The fixed probe inputs of ``split`` and their sample ids (the batch's, else dataset positions):
+        the same samples at every event, and after a resume (the indices are in the callback's state),
+        collated once per dataset."""
         loader = loaders[0] if isinstance(loaders, Sequence) else loaders
         if not isinstance(loader, DataLoader):
             raise TypeError(
@@ -210,9 +243,9 @@ class FIMNormCallback(Callback):
         if not indices:
             raise ValueError(f"FIMNormCallback: the {split} dataset is empty: nothing to probe")
         collate = loader.collate_fn or default_collate
-        x, _ = unpack_batch(collate([dataset[i] for i in indices]))
-        self._probe_inputs[key] = x
-        return x
+        x, ids = unpack_batch(collate([dataset[i] for i in indices]))
+        self._probe_inputs[key] = (x, torch.as_tensor(indices) if ids is None else ids.cpu())
+        return self._probe_inputs[key]
 
     # ---- end of training -------------------------------------------------------------------
 

@@ -1,0 +1,172 @@
+"""Per-sample FIM-norm histories: every tracking event's rows appended to a run directory in shards.
+
+A row is one sample at one event: its split, global step, epoch, stable sample id, log-likelihood,
+total squared FIM-norm and per-layer squared norms. :class:`HistoryWriter` keeps at most
+``flush_rows`` rows in memory and writes each batch of rows as a new ``part-NNNNNN.pt`` file (plain
+tensors and lists, ``torch.load(weights_only=True)``), never overwriting an earlier part, so a
+resumed run appends after what its first life wrote. :func:`load_history` reads every part in order
+and keeps, for each (split, step, sample id), the row written last: events replayed after a resume
+replace their first recording instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fimcb.engine import LayerNorms
+
+PART_GLOB = "part-*.pt"
+
+
+class HistoryWriter:
+    """Append per-sample rows to ``directory`` with bounded memory (see the module docstring)."""
+
+    def __init__(self, directory: str | Path, flush_rows: int = 50_000) -> None:
+        if flush_rows < 1:
+            raise ValueError(f"flush_rows must be positive, got {flush_rows}")
+        self.directory = Path(directory)
+        self.flush_rows = flush_rows
+        self._rows: list[dict[str, Any]] = []
+        self._buffered = 0
+
+    def append(
+        self, split: str, step: int, epoch: int, norms: LayerNorms, ids: Sequence[int] | Tensor
+    ) -> None:
+        """Buffer one event's rows (one per row of ``norms``, ``ids`` their stable sample ids)."""
+        ids = torch.as_tensor(ids, dtype=torch.int64).cpu()
+        if len(ids) != len(norms):
+            raise ValueError(f"{len(ids)} ids for {len(norms)} rows")
+        norms = norms.cpu()
+        self._rows.append(
+            {
+                "split": split,
+                "step": int(step),
+                "epoch": int(epoch),
+                "id": ids,
+                "log_likelihood": norms.log_likelihood,
+                "layers": norms.values,
+                "names": list(norms.names),
+            }
+        )
+        self._buffered += len(ids)
+        if self._buffered >= self.flush_rows:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write the buffered rows as the next part file (nothing to do when the buffer is empty)."""
+        if not self._rows:
+            return None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.stem.split("-")[1]) for p in self.directory.glob(PART_GLOB)]
+        path = self.directory / f"part-{max(taken, default=-1) + 1:06d}.pt"
+        torch.save(self._rows, path)
+        self._rows, self._buffered = [], 0
+        return path
+
+
+@dataclass(frozen=True)
+class History:
+    """A run's per-sample rows, one per (split, step, sample id), in the order they were recorded.
+
+    Attributes:
+        split: ``[N]`` split name of each row.
+        step, epoch, id: ``[N]`` int64 global step, epoch and stable sample id.
+        log_likelihood: ``[N]`` log-likelihood (summed over a group when k > 1).
+        layers: ``[N, L]`` squared per-layer norms, columns ``names``.
+    """
+
+    split: tuple[str, ...]
+    step: Tensor
+    epoch: Tensor
+    id: Tensor
+    log_likelihood: Tensor
+    layers: Tensor
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+    @property
+    def total(self) -> Tensor:
+        """``[N]`` total squared FIM-norm (sum over layers)."""
+        return self.layers.sum(dim=1)
+
+    def select(self, split: str) -> History:
+        """The rows of one split."""
+        keep = torch.tensor([s == split for s in self.split], dtype=torch.bool)
+        return self._rows(keep)
+
+    def _rows(self, index: Tensor) -> History:
+        positions = torch.arange(len(self))[index].tolist()
+        return replace(
+            self,
+            split=tuple(self.split[i] for i in positions),
+            step=self.step[index],
+            epoch=self.epoch[index],
+            id=self.id[index],
+            log_likelihood=self.log_likelihood[index],
+            layers=self.layers[index],
+        )
+
+    def trajectories(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids [S], steps [T], log total norm [S, T])`` of one split; NaN where a sample was not scored."""
+        rows = self.select(split)
+        ids, id_index = torch.unique(rows.id, return_inverse=True)
+        steps, step_index = torch.unique(rows.step, return_inverse=True)
+        grid = torch.full((len(ids), len(steps)), float("nan"), dtype=torch.float64)
+        grid[id_index, step_index] = rows.total.double().clamp_min(1e-30).log()
+        return ids, steps, grid
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame: one row per sample and event, a column per layer (``layer/<name>``)."""
+        try:
+            import pandas as pd
+        except ImportError as err:  # an optional dependency: the tensors above need none
+            raise ImportError("History.to_dataframe needs pandas: pip install pandas") from err
+        frame = pd.DataFrame(
+            {
+                "split": list(self.split),
+                "step": self.step.numpy(),
+                "epoch": self.epoch.numpy(),
+                "id": self.id.numpy(),
+                "log_likelihood": self.log_likelihood.double().numpy(),
+                "total": self.total.double().numpy(),
+            }
+        )
+        layers = pd.DataFrame(self.layers.double().numpy(), columns=[f"layer/{n}" for n in self.names])
+        return pd.concat([frame, layers], axis=1)
+
+
+def load_history(directory: str | Path) -> History:
+    """Every row written to ``directory`` by :class:`HistoryWriter`, the last recording of each
+    (split, step, sample id) only, in recording order."""
+    parts = sorted(Path(directory).glob(PART_GLOB))
+    if not parts:
+        raise FileNotFoundError(f"no history parts ({PART_GLOB}) in {directory}")
+    events = [event for part in parts for event in torch.load(part, weights_only=True)]
+    names = tuple(events[0]["names"])
+    if any(tuple(e["names"]) != names for e in events):
+        raise ValueError(f"history parts in {directory} record different layers: not one run")
+    split = tuple(e["split"] for e in events for _ in range(len(e["id"])))
+    step = torch.cat([torch.full((len(e["id"]),), e["step"], dtype=torch.int64) for e in events])
+    history = History(
+        split=split,
+        step=step,
+        epoch=torch.cat([torch.full((len(e["id"]),), e["epoch"], dtype=torch.int64) for e in events]),
+        id=torch.cat([e["id"] for e in events]),
+        log_likelihood=torch.cat([e["log_likelihood"] for e in events]),
+        layers=torch.cat([e["layers"] for e in events]),
+        names=names,
+    )
+    last: dict[tuple[str, int, int], int] = {}
+    for row, key in enumerate(zip(history.split, history.step.tolist(), history.id.tolist(), strict=True)):
+        last[key] = row  # a later recording of the same event replaces the earlier one
+    keep = torch.zeros(len(history), dtype=torch.bool)
+    keep[list(last.values())] = True
+    return history._rows(keep)
