@@ -299,3 +299,22 @@ def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Pa
     assert sorted(ids.tolist()) == sorted(resumed.callbacks[0].probe_indices["train"])
     assert grid.shape == (12, 5) and torch.isfinite(grid).all()
     assert steps.tolist() == [0, 4, 8, 12, 16]
+
+
+def test_a_checkpoint_saved_after_fit_restores_the_fitted_detectors_and_metric(tmp_path: Path) -> None:
+    model, dm = _model(), _datamodule()
+    callback = _callback(metric="layer_scalar", methods=["fim_gaussian_full", "typicality"])
+    trainer = _trainer(tmp_path, [callback], max_steps=4)
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(tmp_path / "done.ckpt")
+    states = torch.load(tmp_path / "done.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for k, v in states.items() if k.startswith("FIMNormCallback")]
+    restored = _callback()
+    restored.load_state_dict(state)
+    assert sorted(restored.detectors) == ["fim_gaussian_full", "typicality"]
+    metric = METRICS["layer_scalar"]()
+    metric.load_state_dict(restored.metric_state)
+    x = torch.stack([dm.test_dataloader().dataset[i][0] for i in range(6)])
+    norms = per_sample_layer_norms(model, x, metric=metric)
+    for name, detector in callback.result.detectors.items():
+        torch.testing.assert_close(restored.detectors[name].score(norms), detector.score(norms))

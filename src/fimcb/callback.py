@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
+from fimcb.detectors import Detector, build_detector
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, ood_evaluation
@@ -125,6 +126,8 @@ class FIMNormCallback(Callback):
         self._probe_inputs: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # collated once
         self.last_tracked_step = -1
         self.result: OODResult | None = None
+        self.detectors: dict[str, Detector] = {}  # fitted by the last evaluation (or restored)
+        self.metric_state: dict[str, Any] = {}  # the fitted metric's state_dict, when it has one
         # Wall-clock seconds spent in this callback, so its cost relative to training is visible.
         self.seconds = {"tracking": 0.0, "evaluation": 0.0}
         self._fit_start = 0.0
@@ -171,11 +174,24 @@ class FIMNormCallback(Callback):
             self._evaluate(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"probe_indices": self.probe_indices, "last_tracked_step": self.last_tracked_step}
+        """Probe indices and the last tracked step; after an evaluation also the fitted detectors and
+        metric, so that a checkpoint saved after ``fit`` scores new samples without refitting."""
+        state: dict[str, Any] = {"probe_indices": self.probe_indices}
+        state["last_tracked_step"] = self.last_tracked_step
+        if self.detectors:
+            state["detectors"] = {name: d.state_dict() for name, d in self.detectors.items()}
+        if self.metric_state:
+            state["metric"] = self.metric_state
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probe_indices = {k: list(v) for k, v in state_dict.get("probe_indices", {}).items()}
         self.last_tracked_step = int(state_dict.get("last_tracked_step", -1))
+        self.detectors = {}
+        for name, state in state_dict.get("detectors", {}).items():
+            self.detectors[name] = build_detector(name)
+            self.detectors[name].load_state_dict(state)
+        self.metric_state = dict(state_dict.get("metric", {}))
 
     # ---- tracking --------------------------------------------------------------------------
 
@@ -265,6 +281,8 @@ class FIMNormCallback(Callback):
                 pl_module, fit_loader, test_loader, ood_loaders, methods=self.methods, options=options
             )
         self.result = result
+        self.detectors = dict(result.detectors)
+        self.metric_state = metric.state_dict()
         self.seconds["evaluation"] += time.perf_counter() - start
         flat = {
             f"ood/{ood}/{method}/{metric}": value
