@@ -22,18 +22,31 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from finished_runs import load_run
+from torch import nn
 
 from fimcb.detectors import DETECTORS
 from fimcb.engine import LayerNorms
 from fimcb.evaluation import fit_and_score
-from fimcb.metrics import METRICS
+from fimcb.metrics import METRICS, Metric
 from fimcb.scoring import ScoringOptions, layer_norms_over
 
 BASELINES = ("likelihood", "typicality")
 DEFAULT_METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
+
+
+def fitted_metric(name: str, model: nn.Module, train: Any, args: argparse.Namespace) -> tuple[Metric, float]:
+    """Metric ``name`` fitted on the training data (or model samples), and the seconds it took."""
+    cls = METRICS[name]
+    accepted = inspect.signature(cls).parameters
+    options = {"fisher": args.fisher, "n_samples": args.fisher_samples}
+    metric = cls(**{key: value for key, value in options.items() if key in accepted})
+    start = time.perf_counter()
+    metric.fit(model, train)
+    return metric, time.perf_counter() - start
 
 
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
@@ -41,31 +54,27 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     run = load_run(run_dir, args.overrides)
     dm = run.datamodule
     sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
-    train = dm.train_dataloader()
     detectors = [d for d in DETECTORS if d not in BASELINES]
     out: dict = {}
     for name in args.metrics:
-        cls = METRICS[name]
-        accepted = inspect.signature(cls).parameters
-        options = {"fisher": args.fisher, "n_samples": args.fisher_samples}
-        metric = cls(**{key: value for key, value in options.items() if key in accepted})
-        start = time.perf_counter()
-        metric.fit(run.model, train)
-        fit_seconds = time.perf_counter() - start
+        metric: Metric | None = None  # fitted only when some group size's features are not cached
+        fit_seconds = 0.0
         out[name] = {}
         for k in args.groups:
-            scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
             prefix = f"{args.tag}_" if args.tag else ""
             cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}.pt"
-            start = time.perf_counter()
             if cache.exists():  # features of an earlier pass: only the detectors run again
-                norms, score_seconds = torch.load(cache, weights_only=False)
+                norms, score_seconds, fit_seconds = torch.load(cache, weights_only=False)
                 norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
             else:
+                if metric is None:
+                    metric, fit_seconds = fitted_metric(name, run.model, dm.train_dataloader(), args)
+                scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
+                start = time.perf_counter()
                 norms = {s: layer_norms_over(run.model, data, scoring, name=s) for s, data in sets.items()}
                 score_seconds = time.perf_counter() - start
                 cache.parent.mkdir(exist_ok=True)
-                torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds), cache)
+                torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds, fit_seconds), cache)
             fit, test = norms.pop("fit"), norms.pop("test")
             result = fit_and_score(fit, test, norms, [*detectors, *BASELINES])
             aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.metrics.items()}

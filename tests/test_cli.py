@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import CONFIGS, run_config
 from lightning.pytorch import LightningDataModule
 
 from fimcb.cli import FIMCLI, main
 from fimcb.models import LikelihoodModule
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = [
     "--model.init_args.n_steps",
     "1",
@@ -21,10 +21,6 @@ TINY = [
     "8",
     "--model.init_args.n_samples",
     "4",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_checkpointing",
-    "false",
 ]
 
 
@@ -34,19 +30,7 @@ def _no_pytest_argv(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _run(tmp_path: Path, config: str, *extra: str):
-    return main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / config),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-            *TINY,
-            *extra,
-        ]
-    )
+    return run_config(tmp_path, config, *TINY, *extra)
 
 
 def _metrics(run_dir: Path) -> dict:

@@ -11,18 +11,17 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import run_config
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
-from fimcb.cli import main
 from fimcb.data import ImageDataModule
 from fimcb.models.diffusion import Diffusion, UNet
 from fimcb.models.noise import content_seed, seeded_normal
 
 TINY = {"image_shape": (1, 4, 4), "num_levels": 2, "channels": 8, "channel_mults": (1, 2), "n_groups": 2}
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def perturb(module: nn.Module, scale: float = 0.1) -> nn.Module:
@@ -295,17 +294,13 @@ def test_fashionmnist_config_end_to_end(
         "model.init_args.n_samples": "4",
         "trainer.max_steps": "4",
         "trainer.limit_val_batches": "1",
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_checkpointing": "false",
-        "trainer.default_root_dir": str(tmp_path),
-        "trainer.logger.init_args.save_dir": str(tmp_path),
         "data.init_args.root": str(data_root),
         "data.init_args.train_size": "64",
         "data.init_args.val_size": "32",
         "data.init_args.test_size": "32",
     }
     args = [item for key, value in overrides.items() for item in (f"--{key}", value)]
-    cli = main(["fit", "--config", str(CONFIGS / "diffusion_fashionmnist.yaml"), *args])
+    cli = run_config(tmp_path, "diffusion_fashionmnist.yaml", *args)
     assert isinstance(cli.model, Diffusion) and cli.model.image_shape == (1, 28, 28)
     metrics = (Path(cli.trainer.log_dir) / "ood_metrics.json").read_text()
     assert all(name in metrics for name in ("mnist", "hflip", "vflip", "noise", "constant"))

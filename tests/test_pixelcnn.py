@@ -13,17 +13,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import run_config
 from scipy.stats import chisquare
 from sklearn.datasets import load_digits
 from torch import Tensor
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
-from fimcb.cli import main
 from fimcb.data import ImageDataModule
 from fimcb.engine.rules import rule_for
 from fimcb.models.pixelcnn import PixelCNN
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"n_layers": 2, "hidden_channels": 8, "kernel_size": 3, "input_kernel_size": 5}
 
 
@@ -219,10 +218,6 @@ def test_config_end_to_end_at_tiny_size(
     monkeypatch.setattr(sys, "argv", ["train.py"])
     tiny = {
         "trainer.accelerator": "cpu",
-        "trainer.default_root_dir": tmp_path,
-        "trainer.logger.init_args.save_dir": tmp_path,
-        "trainer.enable_progress_bar": "false",
-        "trainer.enable_checkpointing": "false",
         "trainer.max_steps": 4,
         "trainer.limit_val_batches": 1,
         "model.init_args.n_layers": 1,
@@ -238,7 +233,7 @@ def test_config_end_to_end_at_tiny_size(
         "data.init_args.eval_batch_size": 8,  # one batch size: the engine times its routes once
     }
     overrides = [arg for key, value in tiny.items() for arg in (f"--{key}", str(value))]
-    cli = main(["fit", "--config", str(CONFIGS / config), *overrides])
+    cli = run_config(tmp_path, config, *overrides)
     assert isinstance(cli.model, PixelCNN)
     assert cli.model.image_shape == shape and cli.model.num_levels == 256  # linked from the datamodule
     metrics = json.loads((Path(cli.trainer.log_dir) / "ood_metrics.json").read_text())

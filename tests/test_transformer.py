@@ -12,16 +12,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import run_config
 from lightning.pytorch.loggers import CSVLogger
 from test_sequences import write_text
 from torch import Tensor
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
-from fimcb.cli import main
 from fimcb.data.sequences import CharTextDataModule, ModularArithmeticDataModule
 from fimcb.models.transformer import Transformer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 METHODS = {"fim_gaussian", "total_norm", "likelihood", "typicality"}
 
 
@@ -203,26 +202,12 @@ TINY_CLI = [
     "--model.init_args.n_layers", "1",
     "--model.init_args.n_samples", "2",
     "--trainer.max_steps", "4",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_checkpointing", "false",
     "--trainer.callbacks.init_args.max_eval_samples", "32",
 ]  # fmt: skip
 
 
 def _cli(tmp_path: Path, config: str, *extra: str) -> Path:
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / config),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-            *TINY_CLI,
-            *extra,
-        ]
-    )
+    cli = run_config(tmp_path, config, *TINY_CLI, *extra)
     assert cli.model.vocab_size == cli.datamodule.vocab_size and cli.model.seq_len == cli.datamodule.seq_len
     assert cli.model.prompt_len == cli.datamodule.prompt_len
     return Path(cli.trainer.log_dir)

@@ -12,17 +12,16 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from cli_runs import run_config
 from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch import Tensor
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
-from fimcb.cli import main
 from fimcb.data import ImageDataModule
 from fimcb.models.distributions import discretized_logistic_log_prob
 from fimcb.models.vae import VAE
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # 2x2 images with 3 levels (81 of them) and a one-dimensional latent: log p(x) by quadrature.
 EXACT = {
     "image_shape": (1, 2, 2),
@@ -237,42 +236,31 @@ def test_lightning_fit_with_fim_callback(tmp_path: Path) -> None:
 
 
 def _run_config(tmp_path: Path, config: str, data_root: Path):
-    return main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / config),
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path),
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.max_steps",
-            "4",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_checkpointing",
-            "false",
-            "--model.init_args.hidden_channels",
-            "8",
-            "--model.init_args.n_res_blocks",
-            "0",
-            "--model.init_args.n_samples",
-            "4",
-            "--data.init_args.root",
-            str(data_root),
-            "--data.init_args.train_size",
-            "64",
-            "--data.init_args.val_size",
-            "48",
-            "--data.init_args.test_size",
-            "48",
-            "--data.init_args.num_workers",
-            "0",
-        ]
+    return run_config(
+        tmp_path,
+        config,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "4",
+        "--trainer.limit_val_batches",
+        "1",
+        "--model.init_args.hidden_channels",
+        "8",
+        "--model.init_args.n_res_blocks",
+        "0",
+        "--model.init_args.n_samples",
+        "4",
+        "--data.init_args.root",
+        str(data_root),
+        "--data.init_args.train_size",
+        "64",
+        "--data.init_args.val_size",
+        "48",
+        "--data.init_args.test_size",
+        "48",
+        "--data.init_args.num_workers",
+        "0",
     )
 
 

@@ -24,6 +24,17 @@ from fimcb.data.ood import check_ood_name, default_ood, make_ood_set
 from fimcb.data.splits import subset_indices, train_val_indices
 
 
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False) -> DataLoader:
+    """The loader every fimcb datamodule hands out (workers kept alive between epochs when there are any)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
 class ImageSplit(Dataset):
     """One split held whole as uint8 levels; item ``i`` is ``(x float32 [C,H,W], target, i)``.
 
@@ -179,13 +190,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._ood_sets[name]
 
     def _loader(self, dataset: ImageSplit, batch_size: int, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, batch_size, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (the order draws from the global torch RNG, which Lightning seeds)."""

@@ -10,7 +10,6 @@ the CLI), ``decode(tokens) -> str``, the val/test loaders and ``ood_dataloaders(
 from __future__ import annotations
 
 import math
-import zlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from fimcb.data.datamodule import make_loader
+from fimcb.data.ood import ood_generator
 from fimcb.data.splits import num_val, subset_indices
 
 #: Operations of :class:`ModularArithmeticDataModule`, by name: their symbol, in vocabulary order.
@@ -52,11 +53,6 @@ class TokenSplit(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
         return self.tokens[i], self.targets[i], i
-
-
-def _generator(seed: int, name: str) -> torch.Generator:
-    """A private generator per (seed, OOD name): sets do not change when others are added."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 class SequenceDataModule(L.LightningDataModule, ABC):
@@ -129,19 +125,13 @@ class SequenceDataModule(L.LightningDataModule, ABC):
             self.setup()
             assert self.test_set is not None
             size = len(self.test_set) if self.ood_size is None else self.ood_size
-            generator = _generator(self.split_seed, name)
+            generator = ood_generator(name, self.split_seed)
             self._ood_sets[name] = self._make_ood(name, self.test_set, size, generator)
         return self._ood_sets[name]
 
     def _loader(self, dataset: TokenSplit | None, batch_size: int, shuffle: bool = False) -> DataLoader:
         assert dataset is not None
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, batch_size, self.num_workers, shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches (the order draws from the global torch RNG, which Lightning seeds)."""
