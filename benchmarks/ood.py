@@ -83,8 +83,10 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
                 "seconds": {"fit_metric": fit_seconds, "score": score_seconds},
                 "samples": {s: len(n) for s, n in {"fit": fit, "test": test, **norms}.items()},
             }
-            print(f"{run_dir} {name} k={k}: metric fit {fit_seconds:.1f} s, scoring {score_seconds:.1f} s",
-                  flush=True)
+            print(
+                f"{run_dir} {name} k={k}: metric fit {fit_seconds:.1f} s, scoring {score_seconds:.1f} s",
+                flush=True,
+            )
     return out
 
 
@@ -96,8 +98,11 @@ def tables(results: dict) -> str:
         for k in groups:
             first = next(by_k[k] for by_k in by_metric.values() if k in by_k)
             ood_sets = list(first["aurocs"])
-            lines += [f"\n### {run}, k = {k}\n", "| metric | detector | " + " | ".join(ood_sets) + " |",
-                      "|---|---|" + "---|" * len(ood_sets)]
+            lines += [
+                f"\n### {run}, k = {k}\n",
+                "| metric | detector | " + " | ".join(ood_sets) + " |",
+                "|---|---|" + "---|" * len(ood_sets),
+            ]
             for metric, by_k in by_metric.items():
                 entry = by_k[k]
                 for detector in next(iter(entry["aurocs"].values())):
@@ -148,8 +153,11 @@ def compare(results: dict) -> str:
         for k in sorted({k for by_k in by_metric.values() for k in by_k}):
             entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
             detectors = [d for d in next(iter(next(iter(entries.values())).values())) if d not in BASELINES]
-            lines += [f"\n### {run}, k = {k}: mean AUROC over the OOD sets\n",
-                      "| metric | " + " | ".join(detectors) + " |", "|---|" + "---|" * len(detectors)]
+            lines += [
+                f"\n### {run}, k = {k}: mean AUROC over the OOD sets\n",
+                "| metric | " + " | ".join(detectors) + " |",
+                "|---|" + "---|" * len(detectors),
+            ]
             for metric, aurocs in entries.items():
                 means = [sum(a[d] for a in aurocs.values()) / len(aurocs) for d in detectors]
                 lines.append(f"| {metric} | " + " | ".join(f"{m:.3f}" for m in means) + " |")

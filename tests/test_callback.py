@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -16,10 +17,12 @@ from lightning.pytorch.loggers import CSVLogger
 from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
-from fimcb.evaluation import load_features
-from fimcb.history import load_history
+from fimcb.evaluation import load_features, load_scores
+from fimcb.history import TRAJECTORY_COLUMNS, load_history
+from fimcb.influence import influence
 from fimcb.metrics import METRICS
 from fimcb.models import Glow
+from fimcb.saliency import input_saliency, saliency_map
 
 OOD = ["sample_patches", "vflip", "noise"]
 
@@ -44,7 +47,12 @@ def _model() -> Glow:
 
 def _callback(**kwargs) -> FIMNormCallback:
     options = dict(
-        every_n_train_steps=4, n_train_probe=12, n_val_probe=10, max_eval_samples=48, progress=False
+        every_n_train_steps=4,
+        n_train_probe=12,
+        n_val_probe=10,
+        max_eval_samples=48,
+        progress=False,
+        pictures=False,
     )
     return FIMNormCallback(**{**options, **kwargs})
 
@@ -269,8 +277,13 @@ def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Pa
     dm = _datamodule()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
     first = _callback(evaluate_ood=False, history_flush_rows=25)  # several parts: memory stays bounded
-    trainer = _trainer(tmp_path, [first, checkpoints], max_steps=10, logger=CSVLogger(tmp_path, "run", 0),
-                       enable_checkpointing=True)
+    trainer = _trainer(
+        tmp_path,
+        [first, checkpoints],
+        max_steps=10,
+        logger=CSVLogger(tmp_path, "run", 0),
+        enable_checkpointing=True,
+    )
     trainer.fit(_model(), dm)  # "killed" at step 10, after the checkpoint of step 8
     history_dir = Path(trainer.log_dir) / "history"
     assert len(list(history_dir.glob("part-*.pt"))) > 2
@@ -285,8 +298,9 @@ def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Pa
     assert float(logged["fim/train_probe/log_norm_mean"]) == pytest.approx(float(last), rel=1e-5)
     assert sorted(rows.id[rows.step == 8].tolist()) == sorted(first.probe_indices["train"])
 
-    resumed = _trainer(tmp_path, [_callback(evaluate_ood=False)], max_steps=16,
-                       logger=CSVLogger(tmp_path, "run", 0))
+    resumed = _trainer(
+        tmp_path, [_callback(evaluate_ood=False)], max_steps=16, logger=CSVLogger(tmp_path, "run", 0)
+    )
     resumed.fit(_model(), _datamodule(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
     after = load_history(history_dir)
     keys = list(zip(after.split, after.step.tolist(), after.id.tolist(), strict=True))
@@ -318,3 +332,97 @@ def test_a_checkpoint_saved_after_fit_restores_the_fitted_detectors_and_metric(t
     norms = per_sample_layer_norms(model, x, metric=metric)
     for name, detector in callback.result.detectors.items():
         torch.testing.assert_close(restored.detectors[name].score(norms), detector.score(norms))
+
+
+def test_pictures_novel_samples_and_dashboards_from_one_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every picture artifact of a run, read back from the run directory and the offline W&B files and
+    checked against independent recomputations on the final model."""
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
+    from wandb_records import history_rows
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    L.seed_everything(0)
+    logger = WandbLogger(project="fimcb-test", save_dir=str(tmp_path), offline=True)
+    model, dm = _model(), _datamodule()
+    callback = _callback(pictures=True, n_novel=3, influence_samples=20, track_train_batches=4)
+    trainer = _trainer(tmp_path, [callback], max_steps=8, logger=logger)
+    trainer.fit(model, dm)
+    wandb.finish()
+    run = Path(trainer.log_dir)
+
+    # Per-sample scores, and the most / least novel samples with their inputs, heat maps, influences.
+    scores = load_scores(run / "ood_scores.pt")
+    assert set(scores) == {"test", *OOD}
+    torch.testing.assert_close(
+        scores["noise"]["fim_gaussian"], callback.result.scores["noise"]["fim_gaussian"]
+    )
+    samples = torch.load(run / "novel_samples.pt", weights_only=True)
+    assert samples["method"] == "fim_gaussian" and list(samples["sets"]) == ["test", *OOD]
+    test_set = dm.test_dataloader().dataset
+    for name, entry in samples["sets"].items():
+        ranked = torch.sort(scores[name]["fim_gaussian"], descending=True)
+        torch.testing.assert_close(entry["most"]["score"], ranked.values[:3])
+        torch.testing.assert_close(entry["least"]["score"], ranked.values.flip(0)[:3])
+        if name == "test":
+            expected = torch.stack([test_set[int(i)][0] for i in entry["most"]["index"]])
+            torch.testing.assert_close(entry["most"]["input"], expected)
+    most = samples["sets"]["test"]["most"]
+    expected_map = saliency_map(input_saliency(model, most["input"]))
+    torch.testing.assert_close(
+        most["saliency"], expected_map, rtol=1e-4, atol=1e-6 * float(expected_map.max())
+    )
+    assert most["saliency"].shape == (3, 8, 8) and float(most["saliency"].min()) >= 0
+
+    train_set = dm.train_dataloader().dataset
+    queries = samples["influence"]["queries"]
+    assert len(queries) == 2 * (1 + len(OOD))
+    first = queries[0]
+    train_x = torch.stack([train_set[int(i)][0] for i in first["top"]["index"]])
+    torch.testing.assert_close(first["top"]["input"], train_x)
+    direct = influence(model, first["input"][None], train_x)[0]
+    torch.testing.assert_close(
+        first["top"]["value"], direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max())
+    )
+    assert torch.all(first["top"]["value"][:-1] >= first["top"]["value"][1:])
+    assert float(first["bottom"]["value"][0]) <= float(first["top"]["value"][-1])
+
+    # Figures: decodable, not blank PNGs.
+    pngs = {p.stem: p for p in (run / "figures").glob("*.png")}
+    assert {"novelty_over_time", "roc_curves", "novel_samples_most", "influence"} <= set(pngs)
+    for path in pngs.values():
+        pixels = np.asarray(Image.open(path))
+        assert pixels.ndim == 3 and pixels.std() > 0
+
+    # History: the training batches' own samples beside the probes.
+    history = load_history(run / "history")
+    batch_rows = history.select("train_batch")
+    assert sorted(set(batch_rows.step.tolist())) == [4, 8] and len(batch_rows) == 2 * 32
+
+    # W&B: a histogram per tracking event, the figures and the trajectory table.
+    (wandb_dir,) = tmp_path.glob("wandb/offline-run-*")
+    rows = history_rows(wandb_dir)
+    hist_steps = [r["trainer/global_step"] for r in rows if "fim/train_probe/log_norm_hist/_type" in r]
+    assert hist_steps == [0, 4, 8]
+    (hist,) = [r for r in rows if "fim/val/log_norm_hist/values" in r]
+    assert sum(hist["fim/val/log_norm_hist/values"]) == 10
+    for key in ("fimcb/roc_curves", "fimcb/novel_samples_most", "fimcb/layer_heatmap_val"):
+        assert any(f"{key}/_type" in r for r in rows), key
+    (table_row,) = [r for r in rows if "fimcb/trajectories/_type" in r]
+    table = json.loads((wandb_dir / "files" / table_row["fimcb/trajectories/path"]).read_text())
+    assert table["columns"] == list(TRAJECTORY_COLUMNS) and len(table["data"]) == len(history)
+
+
+@pytest.mark.parametrize("bar", [True, False])
+def test_scoring_progress_follows_the_trainers_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], bar: bool
+) -> None:
+    trainer = _trainer(tmp_path, [_callback(progress=True)], max_steps=2, enable_progress_bar=bar)
+    trainer.fit(_model(), _datamodule())
+    out = capsys.readouterr().out  # Lightning's bars write to stdout; so do the scoring bars
+    assert ("fimcb: scoring noise" in out) == bar
+    assert ("/48 " in out) == bar  # the total is max_eval_samples

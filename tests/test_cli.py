@@ -95,8 +95,14 @@ def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) ->
 
 def _instantiate(config: Path, root: Path) -> FIMCLI:
     args = ["--config", str(config), "--trainer.default_root_dir", str(root)]
-    return FIMCLI(LikelihoodModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                  args=args, run=False)
+    return FIMCLI(
+        LikelihoodModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=False,
+    )
 
 
 def test_metric_and_detectors_by_name_from_yaml(tmp_path: Path) -> None:

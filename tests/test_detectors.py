@@ -310,9 +310,15 @@ def test_full_gaussian_with_likelihood_uses_the_likelihood_as_one_more_feature()
     joint = FullGaussianWithLikelihood().fit(fit)
     assert joint.state["keep"].shape == (4,)  # three layers and the log-likelihood
     expected = FullGaussian().fit(
-        LayerNorms(torch.cat([fit.values, fit.log_likelihood.exp().reshape(-1, 1)], 1), ("a", "b", "c", "ll"),
-                   fit.log_likelihood)
+        LayerNorms(
+            torch.cat([fit.values, fit.log_likelihood.exp().reshape(-1, 1)], 1),
+            ("a", "b", "c", "ll"),
+            fit.log_likelihood,
+        )
     )
-    probe = LayerNorms(torch.cat([test.values, test.log_likelihood.exp().reshape(-1, 1)], 1),
-                       ("a", "b", "c", "ll"), test.log_likelihood)
+    probe = LayerNorms(
+        torch.cat([test.values, test.log_likelihood.exp().reshape(-1, 1)], 1),
+        ("a", "b", "c", "ll"),
+        test.log_likelihood,
+    )
     torch.testing.assert_close(joint.score(test), expected.score(probe))

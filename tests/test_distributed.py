@@ -154,8 +154,13 @@ def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:
     dm = datamodule()
     dm.setup("fit")
     dm.setup("test")
-    result = ood_evaluation(model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(),
-                            options=ScoringOptions(max_samples=1000))
+    result = ood_evaluation(
+        model,
+        dm.val_dataloader(),
+        dm.test_dataloader(),
+        dm.ood_dataloaders(),
+        options=ScoringOptions(max_samples=1000),
+    )
     assert written.keys() == result.metrics.keys()
     for ood, by_method in result.metrics.items():
         for method, values in by_method.items():

@@ -120,7 +120,12 @@ layer_specs = st.tuples(
 @settings(max_examples=20, deadline=None)
 @example(  # a transposed convolution that empties the feature map: every weight gets a zero gradient
     layers=[("conv", 1, 1, 1, 0, 1), ("conv", 1, 3, 1, 0, 2), ("convT", 1, 2, 1, 1, 1)],
-    channels=1, side=5, bias=False, n_groups=1, group_size=2, seed=0,
+    channels=1,
+    side=5,
+    bias=False,
+    n_groups=1,
+    group_size=2,
+    seed=0,
 )
 @given(
     layers=st.lists(layer_specs, min_size=1, max_size=3),

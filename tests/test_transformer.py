@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger
 from test_sequences import write_text
 from torch import Tensor
 
-from fimcb import FIMNormCallback, per_sample_layer_norms
+from fimcb import FIMNormCallback, load_history, per_sample_layer_norms
 from fimcb.data.sequences import CharTextDataModule, ModularArithmeticDataModule
 from fimcb.models.transformer import Transformer
 
@@ -228,6 +228,39 @@ def test_modadd_config_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "ood_metrics.json").read_text())
     assert list(metrics) == ["wrong_answers", "other_operation", "random_tokens"]
     assert all(set(m) == METHODS for m in metrics.values())
+
+
+@pytest.mark.usefixtures("_no_pytest_argv")
+def test_grokking_config_tracks_densely_and_draws_text_pictures(tmp_path: Path) -> None:
+    run_dir = _cli(
+        tmp_path,
+        "grokking_modadd.yaml",
+        "--data.init_args.p",
+        "11",
+        "--data.init_args.batch_size",
+        "16",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.callbacks.init_args.every_n_train_steps",
+        "2",
+        "--trainer.callbacks.init_args.influence_samples",
+        "8",
+        "--trainer.callbacks.init_args.pictures",
+        "true",
+    )
+    history = load_history(run_dir / "history")
+    assert sorted(set(history.select("train_probe").step.tolist())) == [0, 2, 4]
+    assert sorted(set(history.select("val").step.tolist())) == [2, 4]
+    assert history.names[0] == "token_embedding.weight" and history.names[-1] == "head.bias"
+    samples = torch.load(run_dir / "novel_samples.pt", weights_only=True)
+    datamodule = ModularArithmeticDataModule(p=11)
+    most = samples["sets"]["wrong_answers"]["most"]
+    assert most["text"] == [datamodule.decode(x) for x in most["input"]]  # token inputs come back as text
+    assert "saliency" not in most
+    query = samples["influence"]["queries"][0]
+    assert query["top"]["text"][0] == datamodule.decode(query["top"]["input"][0])
+    figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
+    assert {"training_dynamics", "layer_heatmap_val", "novel_samples_most", "influence"} <= figures
 
 
 @pytest.mark.usefixtures("_no_pytest_argv")

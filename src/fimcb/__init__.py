@@ -1,8 +1,8 @@
 """fimcb: Fisher-information-metric gradient norms of generative models, as novelty scores.
 
-The library (engine, metrics, detectors, evaluation, tracking) works on any ``nn.Module`` with
-``log_likelihood(x) -> Tensor[B]``; ``FIMNormCallback`` and the models and datamodules are the
-Lightning layer on top and are imported on first use.
+The library (engine, metrics, detectors, evaluation, tracking, history, saliency, influence) works
+on any ``nn.Module`` with ``log_likelihood(x) -> Tensor[B]``; ``FIMNormCallback`` and the models and
+datamodules are the Lightning layer on top and are imported on first use.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from typing import Any
 from fimcb.detectors import DETECTORS, Detector, build_detector
 from fimcb.engine import LayerNorms, per_sample_layer_norms
 from fimcb.evaluation import OODResult, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.history import load_history
+from fimcb.influence import influence, top_influences
 from fimcb.metrics import Identity, Metric
 from fimcb.protocol import LikelihoodModel, ModelProtocolError
+from fimcb.saliency import input_saliency, saliency_map
 from fimcb.scoring import ScoringOptions, layer_norms_over
 from fimcb.tracking import summarize
 
@@ -42,9 +45,14 @@ __all__ = [
     "ScoringOptions",
     "build_detector",
     "evaluate_ood",
+    "influence",
+    "input_saliency",
     "layer_norms_over",
+    "load_history",
     "ood_evaluation",
     "ood_metrics",
     "per_sample_layer_norms",
+    "saliency_map",
     "summarize",
+    "top_influences",
 ]

@@ -9,26 +9,34 @@ results to the trainer's loggers and log directory.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
+from fimcb.dashboards import dashboards
 from fimcb.detectors import Detector, build_detector
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
+from fimcb.engine.types import LOG_FLOOR
 from fimcb.evaluation import OODResult, ood_evaluation
-from fimcb.history import HistoryWriter
+from fimcb.figures import file_name, png_bytes, run_figures
+from fimcb.history import HistoryWriter, load_history, trajectory_rows
 from fimcb.metrics import Metric, resolve_metric
+from fimcb.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
+from fimcb.novel_samples import collect_novel_samples, save_novel_samples
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
 from fimcb.tracking import DEFAULT_QUANTILES, summarize
@@ -66,7 +74,20 @@ class FIMNormCallback(Callback):
             per-layer norms, log-likelihood) to ``<log_dir>/history/`` (:mod:`fimcb.history`;
             ``fimcb.history.load_history`` reads them back).
         history_flush_rows: rows kept in memory before they are written (and at each checkpoint).
-        progress: show a progress bar during the end-of-training scoring passes.
+        progress: show a progress bar during the end-of-training scoring passes (Lightning's own
+            ``Tqdm``, under the trainer's bars; none when the trainer has no progress bar).
+        track_train_batches: also score the samples of the training batch itself every this many
+            optimizer steps (history split ``train_batch``; needs batches with sample ids); 0: never.
+        pictures: log a histogram of the per-sample log norms at every tracking event (W&B,
+            TensorBoard) and, after the evaluation, write ``ood_scores.pt``, ``novel_samples.pt`` and
+            ``figures/*.png`` into the run directory and log those figures and the probe trajectories.
+        n_novel: how many most (and least) novel samples per set to show, with saliency heat maps.
+        saliency: add double-backprop heat maps (:func:`fimcb.saliency.input_saliency`) to the most
+            novel samples of image data.
+        influence_samples: training samples searched for the largest influence on the most novel
+            samples (:func:`fimcb.influence.influence`); 0 disables it.
+        novelty_method: the detector that ranks samples for the pictures (default: the first FIM-norm
+            detector of ``methods``).
     """
 
     def __init__(
@@ -89,12 +110,21 @@ class FIMNormCallback(Callback):
         history: bool = True,
         history_flush_rows: int = 50_000,
         progress: bool = True,
+        track_train_batches: int = 0,
+        pictures: bool = True,
+        n_novel: int = 8,
+        saliency: bool = True,
+        influence_samples: int = 512,
+        novelty_method: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
             ("every_n_train_steps", every_n_train_steps),
             ("n_train_probe", n_train_probe),
             ("n_val_probe", n_val_probe),
+            ("track_train_batches", track_train_batches),
+            ("n_novel", n_novel),
+            ("influence_samples", influence_samples),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -121,15 +151,22 @@ class FIMNormCallback(Callback):
         self.output_file = output_file
         self.history = history
         self.history_flush_rows = history_flush_rows
+        self.track_train_batches = track_train_batches
+        self.pictures = pictures
+        self.n_novel = n_novel
+        self.saliency = saliency
+        self.influence_samples = influence_samples
+        self.novelty_method = novelty_method
         self._writer: HistoryWriter | None = None
         self.probe_indices: dict[str, list[int]] = {}
         self._probe_inputs: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # collated once
         self.last_tracked_step = -1
+        self._last_batch_step = -1
         self.result: OODResult | None = None
         self.detectors: dict[str, Detector] = {}  # fitted by the last evaluation (or restored)
         self.metric_state: dict[str, Any] = {}  # the fitted metric's state_dict, when it has one
         # Wall-clock seconds spent in this callback, so its cost relative to training is visible.
-        self.seconds = {"tracking": 0.0, "evaluation": 0.0}
+        self.seconds = {"tracking": 0.0, "evaluation": 0.0, "pictures": 0.0}
         self._fit_start = 0.0
 
     # ---- Lightning hooks -------------------------------------------------------------------
@@ -161,6 +198,7 @@ class FIMNormCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._maybe_track_train(trainer, pl_module)
+        self._maybe_track_batch(trainer, pl_module, batch)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -205,6 +243,22 @@ class FIMNormCallback(Callback):
         probe = self._probe(trainer, "train", trainer.train_dataloader, self.n_train_probe)
         self._track(trainer, pl_module, "train_probe", probe)
 
+    def _maybe_track_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
+        """Score the training batch's own samples (after its optimizer step) every N steps."""
+        step = trainer.global_step
+        if not self.track_train_batches or step % self.track_train_batches or step == self._last_batch_step:
+            return
+        self._last_batch_step = step
+        x, ids = unpack_batch(batch)
+        if ids is None:
+            rank_zero_warn(
+                "FIMNormCallback: track_train_batches needs batches with sample ids ((x, target, id) or "
+                "{'x', 'id'}) to record stable histories; the batch has none, so it is not tracked."
+            )
+            self.track_train_batches = 0
+            return
+        self._track(trainer, pl_module, "train_batch", (x, ids.cpu()))
+
     def _track_eval_split(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, loaders: Any
     ) -> None:
@@ -233,6 +287,10 @@ class FIMNormCallback(Callback):
         metrics = summarize(norms, f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if self.pictures:
+            log_norms = norms.total.double().clamp_min(LOG_FLOOR).log()
+            for dashboard in dashboards(trainer):
+                dashboard.histogram(f"fim/{prefix}/log_norm_hist", log_norms, trainer.global_step)
         if self._writer is not None and trainer.is_global_zero:
             rows = ids[: len(norms) * k : k]  # a group's id is its first sample's
             self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, rows)
@@ -273,8 +331,7 @@ class FIMNormCallback(Callback):
         start = time.perf_counter()
         # A fresh copy per evaluation: the metric is refitted to the weights of the moment.
         metric = copy.deepcopy(resolve_metric(self.metric))
-        progress = self.options.progress and trainer.is_global_zero
-        options = replace(self.options, metric=metric, progress=progress)
+        options = replace(self.options, metric=metric, **_progress_bar(trainer, self.options.progress))
         with _isolated_rng(pl_module.device):
             metric.fit(pl_module, trainer.train_dataloader)
             result = ood_evaluation(
@@ -299,13 +356,65 @@ class FIMNormCallback(Callback):
             result.save_features(out_dir / "ood_features.pt")
             if metric.state_dict():
                 torch.save(metric.state_dict(), out_dir / "fim_metric.pt")
+            if self.pictures:
+                start = time.perf_counter()
+                with _isolated_rng(pl_module.device):
+                    self._write_pictures(
+                        trainer, pl_module, result, {"test": test_loader, **ood_loaders}, out_dir
+                    )
+                self.seconds["pictures"] += time.perf_counter() - start
             total = time.perf_counter() - self._fit_start
+            figures = f", figures to {out_dir / 'figures'}" if self.pictures else ""
+            spent = ", ".join(f"{seconds:.1f} s {what}" for what, seconds in self.seconds.items())
             rank_zero_info(
                 f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"
-                f"{result.table()}\nwritten to {path}\n"
-                f"FIMNormCallback took {self.seconds['tracking']:.1f} s tracking and "
-                f"{self.seconds['evaluation']:.1f} s evaluating, of {total:.1f} s since training started"
+                f"{result.table()}\nwritten to {path}{figures}\n"
+                f"FIMNormCallback took {spent}, of {total:.1f} s since training started"
             )
+
+    def _write_pictures(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        result: OODResult,
+        loaders: Mapping[str, Any],
+        out_dir: Path,
+    ) -> None:
+        """Rank zero, after an evaluation: per-sample scores, the most and least novel samples (with heat
+        maps and influences), the run's figures as PNGs, and all of it on the dashboards."""
+        step = trainer.global_step
+        result.save_scores(out_dir / "ood_scores.pt")
+        train_inputs = train_ids = None
+        if self.influence_samples:
+            train_inputs, train_ids = self._probe(
+                trainer, "influence", trainer.train_dataloader, self.influence_samples
+            )
+        samples = collect_novel_samples(
+            pl_module,
+            result,
+            loaders,
+            method=self.novelty_method,
+            k=self.n_novel,
+            group_size=self.options.group_size,
+            saliency=self.saliency,
+            decode=getattr(trainer.datamodule, "decode", None),
+            train_inputs=train_inputs,
+            train_ids=train_ids,
+        )
+        save_novel_samples(samples, out_dir / NOVEL_SAMPLES_FILE)
+        self._flush_history(trainer)
+        for logger in trainer.loggers:
+            logger.save()  # the figures read metrics.csv: write what CSVLogger still holds
+        (out_dir / "figures").mkdir(exist_ok=True)
+        boards = dashboards(trainer)
+        for name, figure in run_figures(out_dir).items():
+            (out_dir / "figures" / file_name(name)).write_bytes(png_bytes(figure))
+            for dashboard in boards:
+                dashboard.figure(f"fimcb/{name}", figure, step)
+        if self._writer is not None and boards:
+            columns, rows = trajectory_rows(load_history(self._writer.directory))
+            for dashboard in boards:
+                dashboard.table("fimcb/trajectories", columns, rows, step)
 
     def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
         """Validation (fit), test (in-distribution) and OOD loaders, or ``None`` with a warning."""
@@ -329,6 +438,19 @@ class FIMNormCallback(Callback):
             return None
         fit = fit[0] if isinstance(fit, Sequence) else fit
         return fit, test, ood
+
+
+def _progress_bar(trainer: L.Trainer, wanted: bool) -> dict[str, Any]:
+    """Scoring options for a progress bar like the trainer's: Lightning's ``Tqdm``, one line below its
+    main bar, on rank zero only, and none when the trainer shows none."""
+    bar = trainer.progress_bar_callback
+    if not (wanted and trainer.is_global_zero and bar is not None and bar.is_enabled):
+        return {"progress": False}
+    position = 2 * getattr(bar, "process_position", 0) + 1
+    factory = partial(
+        Tqdm, position=position, dynamic_ncols=True, file=sys.stdout, bar_format=TQDMProgressBar.BAR_FORMAT
+    )
+    return {"progress": True, "progress_bar": factory}
 
 
 def _isolated_rng(device: torch.device) -> Any:

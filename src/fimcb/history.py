@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from fimcb.engine import LayerNorms
+from fimcb.engine.types import LOG_FLOOR
 
 PART_GLOB = "part-*.pt"
 
@@ -120,7 +121,7 @@ class History:
         ids, id_index = torch.unique(rows.id, return_inverse=True)
         steps, step_index = torch.unique(rows.step, return_inverse=True)
         grid = torch.full((len(ids), len(steps)), float("nan"), dtype=torch.float64)
-        grid[id_index, step_index] = rows.total.double().clamp_min(1e-30).log()
+        grid[id_index, step_index] = rows.total.double().clamp_min(LOG_FLOOR).log()
         return ids, steps, grid
 
     def to_dataframe(self) -> Any:
@@ -170,3 +171,25 @@ def load_history(directory: str | Path) -> History:
     keep = torch.zeros(len(history), dtype=torch.bool)
     keep[list(last.values())] = True
     return history._rows(keep)
+
+
+TRAJECTORY_COLUMNS: tuple[str, ...] = ("split", "id", "step", "epoch", "log_norm", "log_likelihood")
+
+
+def trajectory_rows(history: History, max_ids: int = 256) -> tuple[tuple[str, ...], list[list[Any]]]:
+    """``history`` as a long table (``TRAJECTORY_COLUMNS``) for dashboards: a row per sample and event
+    with its log total norm, for the ``max_ids`` lowest sample ids of each split (whole trajectories)."""
+    kept = {
+        split: set(torch.unique(history.select(split).id)[:max_ids].tolist()) for split in set(history.split)
+    }
+    log_norm = history.total.double().clamp_min(LOG_FLOOR).log().tolist()
+    columns = zip(
+        history.split,
+        history.id.tolist(),
+        history.step.tolist(),
+        history.epoch.tolist(),
+        log_norm,
+        history.log_likelihood.double().tolist(),
+        strict=True,
+    )
+    return TRAJECTORY_COLUMNS, [list(row) for row in columns if row[1] in kept[row[0]]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,8 @@ class ScoringOptions:
         chunk_size: groups per vectorised engine call (default: sized from memory).
         max_samples: use at most this many samples of a loader.
         progress: show a progress bar per pass.
+        progress_bar: the bar's factory, with tqdm's signature (default ``tqdm.auto.tqdm``); the callback
+            passes Lightning's own ``Tqdm``, placed and formatted like the trainer's bars.
     """
 
     group_size: int = 1
@@ -45,6 +47,7 @@ class ScoringOptions:
     chunk_size: int | None = None
     max_samples: int | None = None
     progress: bool = False
+    progress_bar: Callable[..., Any] | None = None
 
 
 def layer_norms_over(
@@ -117,7 +120,7 @@ def _stream(
     pending_ids: list[Tensor] = []
     parts: list[LayerNorms] = []
     seen = 0
-    bar = tqdm(
+    bar = (options.progress_bar or tqdm)(
         total=_expected_samples(loader, max_samples),
         desc=f"fimcb: scoring {name}",
         leave=False,

@@ -22,6 +22,8 @@ DETECTORS: dict[str, type[Detector]] = {
     )
 }
 DEFAULT_METHODS: tuple[str, ...] = ("fim_gaussian", "total_norm", "likelihood", "typicality")
+#: Detectors that do not use gradients: the likelihood baselines beside which FIM-norms are judged.
+BASELINE_METHODS: tuple[str, ...] = (Likelihood.name, Typicality.name)
 
 
 def build_detector(method: str | Detector) -> Detector:
@@ -34,6 +36,7 @@ def build_detector(method: str | Detector) -> Detector:
 
 
 __all__ = [
+    "BASELINE_METHODS",
     "DEFAULT_METHODS",
     "DETECTORS",
     "ChiSquare",

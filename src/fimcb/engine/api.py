@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from fimcb.engine.func import func_layer_norms, group_gradients
 from fimcb.engine.hooks import hooks_layer_norms
 from fimcb.engine.loop import loop_layer_norms
-from fimcb.engine.rules.norm import SamplesInteractError, check_batchnorm
+from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
 from fimcb.engine.types import Backend, LayerNorms, NormRequest
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.modes import eval_mode, grad_enabled
@@ -108,9 +108,7 @@ def per_sample_layer_norms(
     chunk = chunk_size or default_chunk_size(params)
     device = next(iter(params.values())).device
     with eval_mode(model), grad_enabled():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                check_batchnorm(module)  # batch statistics even in eval mode: samples interact
+        check_samples_independent(model)
         xs = x.clone() if x.is_inference() else x
         groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
         values, ll = _run(engine, request, groups, chunk)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.metrics.base import squared_row_norms
+from fimcb.metrics.base import check_pair, squared_row_norms
 from fimcb.metrics.diagonal import FittedMetric, check_positive_float, layer_scales, reduced_means
 from fimcb.modes import eval_mode, grad_enabled
 from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output, resolve_log_likelihood
@@ -310,20 +310,34 @@ class KFAC(FittedMetric):
         self._known(name)
         if name in self._scales:
             return squared_row_norms(grads) / self._scales[name]
+        return squared_row_norms(self._whiten(name, grads))
+
+    def inner_products(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        """``[A, B]`` products ``⟨G^{-1/2} S_a A^{-1/2}, G^{-1/2} S_b A^{-1/2}⟩`` of the whitened gradients
+        (``b_aᵀ G⁻¹ b_b`` for a bias); layer-scalar parameters through the base class's diagonal path."""
+        self._known(name)
+        if name in self._scales:
+            return super().inner_products(name, a, b)
+        a, b = check_pair(name, a, b)
+        return self._whiten(name, a).flatten(start_dim=1) @ self._whiten(name, b).flatten(start_dim=1).T
+
+    def _whiten(self, name: str, grads: Tensor) -> Tensor:
+        """``G^{-1/2} S A^{-1/2}`` per sample for a factored weight (``b G^{-1/2}`` for a bias), whose
+        squared Frobenius norm is the metric's squared norm."""
         a_root, g_root = (r.to(grads.device, grads.dtype) for r in self._roots[self._owners[name]])
         if grads.ndim == 2:  # a bias: bᵀ G⁻¹ b
             if grads.shape[1] != g_root.shape[0]:
                 raise ValueError(
                     f"gradients of {name!r} have shape {list(grads.shape[1:])}, not [{g_root.shape[0]}]"
                 )
-            return squared_row_norms(grads @ g_root)
+            return grads @ g_root
         s = grads.reshape(grads.shape[0], grads.shape[1], -1)
         if s.shape[1:] != (g_root.shape[0], a_root.shape[0]):
             raise ValueError(
                 f"gradients of {name!r} have shape {list(grads.shape[1:])}, not a "
                 f"[{g_root.shape[0]}, {a_root.shape[0]}] weight"
             )
-        return squared_row_norms(g_root @ s @ a_root)
+        return g_root @ s @ a_root
 
     def diagonal(self, name: str) -> float | None:
         """``1/λ_l`` for layer-scalar parameters (engines then skip materialising them), else ``None``."""

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.distributed import broadcast_from_zero
-from fimcb.metrics.base import squared_row_norms
+from fimcb.metrics.base import check_pair, squared_row_norms
 from fimcb.metrics.diagonal import (
     FittedMetric,
     check_bool,
@@ -91,11 +91,30 @@ class _Layer:
         if self.inverse is not None:
             q = ((s @ self.inverse.to(s.device)) * s).sum(1)
         else:
-            assert self.refs is not None and self.cholesky is not None
-            k = s @ self.refs.to(s.device, torch.float64).T
-            v = torch.linalg.solve_triangular(self.cholesky.to(s.device), k.T, upper=False)
-            q = (squared_row_norms(s) - v.square().sum(0)) / self.delta
+            q = (squared_row_norms(s) - self._solved(s).square().sum(0)) / self.delta
         return q.clamp_min(0.0).to(grads.dtype)  # F is positive definite: only rounding goes below 0
+
+    def inner_products(self, a: Tensor, b: Tensor) -> Tensor:
+        """``[A, B]`` products ``s_aᵀ F⁻¹ s_b`` (Woodbury: ``(s_a·s_b − v_a·v_b)/δ``); when ``b is a``, the
+        diagonal is clamped at zero as :meth:`squared_norms` is, so it equals the squared norms."""
+        sa = _project(a, self.sketch).double()
+        sb = sa if b is a else _project(b, self.sketch).double()
+        if self.inverse is not None:
+            q = sa @ self.inverse.to(sa.device) @ sb.T
+        else:
+            va = self._solved(sa)
+            vb = va if sb is sa else self._solved(sb)
+            q = (sa @ sb.T - va.T @ vb) / self.delta
+        if b is a:
+            q.diagonal().clamp_(min=0.0)
+        return q.to(a.dtype)
+
+    def _solved(self, s: Tensor) -> Tensor:
+        """``[N, B]`` ``v = L⁻¹ k`` with ``k_i = s_i·s`` for each row of ``s`` and ``L Lᵀ = NδI + K``, so that
+        ``sᵀ F⁻¹ s' = (s·s' − v·v')/δ`` (the batch Woodbury form)."""
+        assert self.refs is not None and self.cholesky is not None
+        k = s @ self.refs.to(s.device, torch.float64).T
+        return torch.linalg.solve_triangular(self.cholesky.to(s.device), k.T, upper=False)
 
     def state(self) -> dict[str, Any]:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -264,6 +283,9 @@ class LowRank(FittedMetric):
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         return self._lookup(self.layers, name).squared_norms(grads)
+
+    def inner_products(self, name: str, a: Tensor, b: Tensor) -> Tensor:
+        return self._lookup(self.layers, name).inner_products(*check_pair(name, a, b))  # keeps b is a
 
     def state_dict(self) -> dict[str, Any]:
         layers = {n: layer.state() for n, layer in self.layers.items()}

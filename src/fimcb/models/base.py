@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
+from fimcb.dashboards import log_image
 from fimcb.protocol import unpack_batch
 
 
@@ -167,37 +167,3 @@ class ImageLikelihoodModel(LikelihoodModule):
         images = self.sample(self.n_samples).clamp(0, 1).cpu()
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=1)
         log_image(self.trainer, "samples", grid, step=self.global_step)
-
-
-def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
-    """Log a ``[C, H, W]`` image in ``[0, 1]`` to every logger that takes images, and as a PNG file."""
-    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger
-                logger.log_image(key=key, images=[image], step=step)
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
-                logger.experiment.add_image(key, image, global_step=step)
-        if log_dir is not None:
-            path = Path(log_dir) / "images" / f"{key}_step{step:07d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(image, path)
-
-
-def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
-    """Log lines of text to every logger that takes text (W&B table, TensorBoard) and as a text file."""
-    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if hasattr(logger, "log_text"):  # WandbLogger
-            logger.log_text(key=key, columns=["step", "sample"], data=[[step, text] for text in texts])
-        elif hasattr(getattr(logger, "experiment", None), "add_text"):  # TensorBoardLogger
-            body = "\n".join(f"    {line}" for text in texts for line in text.splitlines() or [""])
-            logger.experiment.add_text(key, body, global_step=step)  # indented: shown verbatim
-    if log_dir is not None:
-        path = Path(log_dir) / "samples" / f"{key}_step{step:07d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        multiline = any("\n" in text for text in texts)
-        separator = "\n" + "-" * 40 + "\n" if multiline else "\n"  # one line per sample where possible
-        path.write_text(separator.join(texts) + "\n", encoding="utf-8")

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.models.base import LikelihoodModule, log_text
+from fimcb.dashboards import log_text
+from fimcb.models.base import LikelihoodModule
 from fimcb.protocol import unpack_batch
 
 

@@ -68,6 +68,13 @@ class SamplesInteractError(ValueError):
     """A layer mixes samples of the batch, so per-sample gradients are not defined."""
 
 
+def check_samples_independent(model: nn.Module) -> None:
+    """Refuse a model with a BatchNorm that uses batch statistics even in eval mode (samples interact)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            check_batchnorm(module)
+
+
 def check_batchnorm(module: nn.Module) -> None:
     """Refuse BatchNorm that normalises with batch statistics (train mode, or no running stats)."""
     if module.training or module.running_mean is None:

@@ -1,0 +1,149 @@
+"""Pictures for Lightning's loggers: one small adapter per logger kind.
+
+The callback and the models say *what* to show (a histogram, an image, a figure, a table, text); a
+:class:`Dashboard` adapter gives it to its logger in that logger's own form (``wandb.Histogram`` and
+``wandb.Table`` for W&B, ``add_histogram`` and ``add_image`` for TensorBoard). Loggers without pictures
+(``CSVLogger``) get the base adapter, which shows nothing: their numbers come from ``log_metrics``.
+Other loggers are added with :func:`register_dashboard`, by class name, so that no logger's package is
+imported unless it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import save_image
+
+HISTOGRAM_BINS = 64
+
+
+class Dashboard:
+    """The adapter of a logger that takes only numbers: every picture is dropped."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        """A histogram of ``values`` at ``step`` (one slice of a histogram-over-time panel)."""
+
+    def image(self, key: str, image: Tensor, step: int) -> None:
+        """A ``[C, H, W]`` image with values in ``[0, 1]``."""
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """A table of ``rows``, one value per column."""
+
+    def text(self, key: str, texts: Sequence[str], step: int) -> None:
+        """Lines of text, shown verbatim."""
+
+    def figure(self, key: str, figure: Figure, step: int) -> None:
+        """A matplotlib figure, rendered to an image."""
+        self.image(key, figure_to_image(figure), step)
+
+
+class WandbDashboard(Dashboard):
+    """Weights & Biases: histograms over steps, images, tables (``WandbLogger``)."""
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        import wandb
+
+        finite = values[torch.isfinite(values)].double().cpu().numpy()
+        if len(finite):
+            self.logger.log_metrics({key: wandb.Histogram(finite, num_bins=HISTOGRAM_BINS)}, step=step)
+
+    def image(self, key: str, image: Tensor, step: int) -> None:
+        self.logger.log_image(key=key, images=[image], step=step)
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        self.logger.log_table(key=key, columns=list(columns), data=[list(r) for r in rows], step=step)
+
+    def text(self, key: str, texts: Sequence[str], step: int) -> None:
+        self.logger.log_text(key=key, columns=["step", "sample"], data=[[step, text] for text in texts])
+
+
+class TensorBoardDashboard(Dashboard):
+    """TensorBoard: histograms over steps, images, and tables and text as (markdown) text."""
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
+        finite = values[torch.isfinite(values)].double().cpu()
+        if len(finite):
+            self.logger.experiment.add_histogram(key, finite, global_step=step)
+
+    def image(self, key: str, image: Tensor, step: int) -> None:
+        self.logger.experiment.add_image(key, image, global_step=step)
+
+    def table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+        self.logger.experiment.add_text(key, "\n".join(lines), global_step=step)
+
+    def text(self, key: str, texts: Sequence[str], step: int) -> None:
+        body = "\n".join(f"    {line}" for text in texts for line in text.splitlines() or [""])
+        self.logger.experiment.add_text(key, body, global_step=step)  # indented: shown verbatim
+
+
+_REGISTRY: dict[str, type[Dashboard]] = {
+    "WandbLogger": WandbDashboard,
+    "TensorBoardLogger": TensorBoardDashboard,
+}
+
+
+def register_dashboard(logger_class_name: str, adapter: type[Dashboard]) -> None:
+    """Use ``adapter`` for loggers of class ``logger_class_name`` (or a subclass of it)."""
+    _REGISTRY[logger_class_name] = adapter
+
+
+def dashboard_for(logger: Any) -> Dashboard:
+    """The adapter registered for the nearest class of ``logger`` (the numbers-only one if none)."""
+    for cls in type(logger).__mro__:
+        if cls.__name__ in _REGISTRY:
+            return _REGISTRY[cls.__name__](logger)
+    return Dashboard(logger)
+
+
+def dashboards(trainer: L.Trainer) -> list[Dashboard]:
+    """The adapters of the trainer's loggers on global rank zero (the only rank that logs), else none."""
+    return [dashboard_for(logger) for logger in trainer.loggers] if trainer.is_global_zero else []
+
+
+def figure_to_image(figure: Figure) -> Tensor:
+    """Render ``figure`` to a ``[3, H, W]`` float image in ``[0, 1]`` (Agg: no display needed)."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
+    width, height = canvas.get_width_height()
+    return rgba.reshape(height, width, 4)[..., :3].permute(2, 0, 1).float() / 255
+
+
+def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
+    """Log a ``[C, H, W]`` image in ``[0, 1]`` to every logger that takes images, and as a PNG file."""
+    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    for dashboard in dashboards(trainer):
+        dashboard.image(key, image, step)
+    if log_dir is not None and trainer.is_global_zero:
+        path = Path(log_dir) / "images" / f"{key}_step{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(image, path)
+
+
+def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
+    """Log lines of text to every logger that takes text (W&B table, TensorBoard) and as a text file."""
+    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    for dashboard in dashboards(trainer):
+        dashboard.text(key, texts, step)
+    if log_dir is not None and trainer.is_global_zero:
+        path = Path(log_dir) / "samples" / f"{key}_step{step:07d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        multiline = any("\n" in text for text in texts)
+        separator = "\n" + "-" * 40 + "\n" if multiline else "\n"  # one line per sample where possible
+        path.write_text(separator.join(texts) + "\n", encoding="utf-8")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")

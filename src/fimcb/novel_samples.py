@@ -1,0 +1,145 @@
+"""The most and least novel samples of an OOD evaluation, with where their novelty sits and what trained it.
+
+After :func:`fimcb.evaluation.ood_evaluation`, :func:`collect_novel_samples` picks, per evaluated set
+(``test`` and each OOD set), the samples a detector ranks most and least novel, fetches their inputs
+back from the loaders, adds a double-backprop heat map for the most novel images
+(:func:`fimcb.saliency.input_saliency`) and, for a few of them, the training samples of largest
+influence ``s_aᵀ F⁻¹ s_b`` (:func:`fimcb.influence.influence`). The result is a dict of plain tensors,
+lists and strings (``novel_samples.pt`` in a run directory) for :mod:`fimcb.figures` and the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fimcb.detectors import BASELINE_METHODS
+from fimcb.evaluation import OODResult
+from fimcb.influence import influence, top_influences
+from fimcb.metrics import Metric
+from fimcb.protocol import unpack_batch
+from fimcb.saliency import input_saliency, saliency_map
+
+FILE_NAME = "novel_samples.pt"
+
+
+def novelty_method(result: OODResult, method: str | None = None) -> str:
+    """``method`` if given (it must have been evaluated), else the first FIM-norm detector evaluated."""
+    evaluated = list(result.scores["test"])
+    if method is not None:
+        if method not in evaluated:
+            raise ValueError(f"method {method!r} was not evaluated; choose from {evaluated}")
+        return method
+    return next((m for m in evaluated if m not in BASELINE_METHODS), evaluated[0])
+
+
+def fetch_rows(loader: Iterable[Any], positions: Tensor) -> Tensor:
+    """The inputs at ``positions`` of the sample stream of ``loader`` (in the order of ``positions``);
+    the loader must yield its samples in the same order as in the evaluation (no shuffling)."""
+    wanted = positions.tolist()
+    found: dict[int, Tensor] = {}
+    offset = 0
+    for batch in loader:
+        x, _ = unpack_batch(batch)
+        for p in wanted:
+            if offset <= p < offset + len(x):
+                found[p] = x[p - offset].cpu()
+        offset += len(x)
+        if len(found) == len(set(wanted)):
+            return torch.stack([found[p] for p in wanted])
+    raise IndexError(f"the loader yielded {offset} samples, fewer than position {max(wanted)} needs")
+
+
+def collect_novel_samples(
+    model: nn.Module,
+    result: OODResult,
+    loaders: Mapping[str, Iterable[Any]],
+    *,
+    method: str | None = None,
+    k: int = 8,
+    group_size: int = 1,
+    metric: Metric | None = None,
+    saliency: bool = True,
+    decode: Callable[[Tensor], str] | None = None,
+    train_inputs: Tensor | None = None,
+    train_ids: Tensor | None = None,
+    n_queries: int = 2,
+    n_influence: int = 6,
+) -> dict[str, Any]:
+    """Per set of ``result`` (``test`` and each OOD set, with their ``loaders``), the ``k`` most and
+    least novel samples under ``method``, in the ``novel_samples.pt`` layout (:mod:`fimcb.figures`).
+
+    With groups (``group_size`` k > 1) a row stands for k consecutive samples; its first one is shown.
+    Float inputs of the most novel samples get a saliency heat map under ``metric`` (default: the
+    evaluation's metric). With ``train_inputs``, the ``n_queries`` most novel samples of each set get the
+    ``n_influence`` training samples of largest and of most negative influence on them.
+    """
+    method = novelty_method(result, method)
+    metric = metric if metric is not None else result.metric
+    out: dict[str, Any] = {"method": method, "sets": {}}
+    queries: list[dict[str, Any]] = []
+    for name, by_method in result.scores.items():
+        scores = by_method[method]
+        order = torch.argsort(torch.nan_to_num(scores.double(), nan=float("inf")), descending=True)
+        entry = {}
+        for which, rows in (("most", order[:k]), ("least", order.flip(0)[:k])):
+            inputs = fetch_rows(loaders[name], rows * group_size)
+            entry[which] = {"index": rows, "score": scores[rows], "input": inputs, **_text(inputs, decode)}
+        most = entry["most"]
+        if saliency and most["input"].is_floating_point():
+            most["saliency"] = saliency_map(input_saliency(model, most["input"], metric=metric)).cpu()
+        out["sets"][name] = entry
+        queries += [
+            {
+                "set": name,
+                "index": int(most["index"][i]),
+                "score": float(most["score"][i]),
+                "input": most["input"][i],
+            }
+            for i in range(min(n_queries, len(most["index"])))
+        ]
+    if train_inputs is not None and queries:
+        out["influence"] = _influence(model, queries, train_inputs, train_ids, metric, n_influence, decode)
+    return out
+
+
+def _influence(
+    model: nn.Module,
+    queries: list[dict[str, Any]],
+    train_inputs: Tensor,
+    train_ids: Tensor | None,
+    metric: Metric | None,
+    m: int,
+    decode: Callable[[Tensor], str] | None,
+) -> dict[str, Any]:
+    values = influence(model, torch.stack([q["input"] for q in queries]), train_inputs, metric=metric)
+    ranked = top_influences(values, m)  # column positions: the ids are mapped below with the inputs
+    ids = train_ids if train_ids is not None else torch.arange(len(train_inputs))
+    for i, query in enumerate(queries):
+        if decode is not None:
+            query["text"] = decode(query["input"])
+        for side, (vals, positions) in (("top", ranked.top), ("bottom", ranked.bottom)):
+            inputs = train_inputs[positions[i].cpu()]
+            query[side] = {
+                "index": ids[positions[i].cpu()],
+                "value": vals[i].cpu(),
+                "input": inputs,
+                **_text(inputs, decode),
+            }
+    return {"metric": getattr(metric, "name", "identity"), "queries": queries}
+
+
+def _text(inputs: Tensor, decode: Callable[[Tensor], str] | None) -> dict[str, list[str]]:
+    return {"text": [decode(x) for x in inputs]} if decode is not None else {}
+
+
+def save_novel_samples(samples: Mapping[str, Any], path: str | Path) -> Path:
+    """Write :func:`collect_novel_samples`' dict (loadable with ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(samples), path)
+    return path
