@@ -426,3 +426,39 @@ def test_scoring_progress_follows_the_trainers_progress_bar(
     out = capsys.readouterr().out  # Lightning's bars write to stdout; so do the scoring bars
     assert ("fimcb: scoring noise" in out) == bar
     assert ("/48 " in out) == bar  # the total is max_eval_samples
+
+
+def test_failing_pictures_warn_and_keep_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("no pictures today")
+
+    monkeypatch.setattr("fimcb.callback.collect_novel_samples", broken)
+    trainer = _trainer(tmp_path, [_callback(pictures=True)], max_steps=4)
+    with pytest.warns(UserWarning, match="pictures failed .*no pictures today"):
+        trainer.fit(_model(), _datamodule())
+    run = Path(trainer.log_dir)
+    assert json.loads((run / "ood_metrics.json").read_text())["noise"]["fim_gaussian"]["auroc"] >= 0
+    assert (run / "ood_scores.pt").is_file() and not (run / "novel_samples.pt").exists()
+
+
+def test_tensorboard_run_holds_histograms_over_steps_and_figures(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = _callback(pictures=True, n_novel=2, influence_samples=0, saliency=False)
+    trainer = _trainer(tmp_path, [callback], max_steps=8, logger=logger)
+    trainer.fit(_model(), _datamodule())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    hists = events.Histograms("fim/train_probe/log_norm_hist")
+    assert [h.step for h in hists] == [0, 4, 8]
+    assert all(h.histogram_value.num == 12 for h in hists)  # one value per probe sample
+    history = load_history(Path(logger.log_dir) / "history")
+    last = history.select("train_probe")
+    last_logs = last.total[last.step == 8].double().log()
+    assert hists[-1].histogram_value.sum == pytest.approx(float(last_logs.sum()), rel=1e-5)
+    images = set(events.Tags()["images"])
+    assert {"fimcb/roc_curves", "fimcb/novelty_over_time", "fimcb/novel_samples_most"} <= images
+    assert "fimcb/influence" not in images  # influence_samples=0
+    assert "fimcb/trajectories/text_summary" in events.Tags()["tensors"]

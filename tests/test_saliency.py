@@ -10,7 +10,9 @@ from torch import Tensor, nn
 from toy_models import ControlFlowModel, ConvEnergy, MLPEnergy, TokenBigram
 
 from fimcb.metrics import KFAC, Diagonal, FittedDiagonal, LowRank, Metric, resolve_metric
+from fimcb.models.diffusion import Diffusion
 from fimcb.models.glow import Glow
+from fimcb.models.pixelcnn import PixelCNN
 from fimcb.models.vae import VAE
 from fimcb.saliency import input_saliency, saliency_map
 
@@ -159,7 +161,17 @@ def tiny_glow() -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("make", [tiny_vae, tiny_glow], ids=["vae", "glow"])
+def tiny_pixelcnn() -> PixelCNN:
+    return PixelCNN(image_shape=(1, 8, 8), num_levels=17, n_layers=2, hidden_channels=8)
+
+
+def tiny_diffusion() -> Diffusion:
+    return Diffusion(image_shape=(1, 8, 8), num_levels=17, channels=8, channel_mults=(1,), n_groups=2)
+
+
+@pytest.mark.parametrize(
+    "make", [tiny_vae, tiny_glow, tiny_pixelcnn, tiny_diffusion], ids=["vae", "glow", "pixelcnn", "diffusion"]
+)
 def test_real_models(make) -> None:
     model = make().train()  # training mode draws fresh noise: the saliency must not
     x = torch.randint(0, 17, (3, 1, 8, 8)).float() / 16
@@ -173,6 +185,23 @@ def test_real_models(make) -> None:
     heat = saliency_map(saliency)
     assert heat.shape == (3, 8, 8)
     torch.testing.assert_close(heat, saliency.abs().squeeze(1))
+
+
+class Quantised(nn.Module):
+    """Rounds its input before a Gaussian: the log-likelihood has no input gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mu = nn.Parameter(torch.zeros(4))
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return -0.5 * (torch.round(x * 4) - self.mu).pow(2).sum(1)
+
+
+def test_an_input_quantised_inside_the_model_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    saliency = input_saliency(Quantised(), torch.rand(3, 4))
+    assert not saliency.any()
+    assert "zero everywhere" in caplog.text and "straight-through" in caplog.text
 
 
 def test_saliency_map_sums_absolute_values_over_channels() -> None:

@@ -358,9 +358,15 @@ class FIMNormCallback(Callback):
                 torch.save(metric.state_dict(), out_dir / "fim_metric.pt")
             if self.pictures:
                 start = time.perf_counter()
-                with _isolated_rng(pl_module.device):
-                    self._write_pictures(
-                        trainer, pl_module, result, {"test": test_loader, **ood_loaders}, out_dir
+                try:
+                    with _isolated_rng(pl_module.device):
+                        self._write_pictures(
+                            trainer, pl_module, result, {"test": test_loader, **ood_loaders}, out_dir
+                        )
+                except Exception as err:  # pictures are extras: the results above are written; keep them
+                    rank_zero_warn(
+                        f"FIMNormCallback: the pictures failed ({type(err).__name__}: {err}); the OOD "
+                        f"results are written to {out_dir}. Set pictures=False to skip them."
                     )
                 self.seconds["pictures"] += time.perf_counter() - start
             total = time.perf_counter() - self._fit_start

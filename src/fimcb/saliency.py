@@ -76,7 +76,15 @@ def input_saliency(
     with eval_mode(model), grad_enabled():
         check_samples_independent(model)
         xs = (x.clone() if x.is_inference() else x).detach().to(device)
-        return _run(engine, request, xs, chunk).detach()
+        saliency = _run(engine, request, xs, chunk).detach()
+    if not saliency.any():
+        log.warning(
+            "fimcb: the input saliency of %s is zero everywhere: its log-likelihood does not depend "
+            "differentiably on x (does it round or quantise the input? pass it through straight-through, "
+            "x + (q - x).detach(), as fimcb's PixelCNN does)",
+            type(model).__name__,
+        )
+    return saliency
 
 
 def saliency_map(saliency: Tensor) -> Tensor:

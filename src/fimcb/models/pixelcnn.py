@@ -191,7 +191,10 @@ class PixelCNN(ImageLikelihoodModel):
     def log_likelihood(self, x: Tensor) -> Tensor:
         """Exact log-probability in nats of the discrete images ``x`` (in ``[0, 1]``), shape ``[B]``."""
         levels = self.to_levels(x)
-        log_probs = self.logits(levels.to(x.dtype) / (self.num_levels - 1)).log_softmax(dim=2)
+        grid = levels.to(x.dtype) / (self.num_levels - 1)
+        # Straight-through: the network sees the level grid, and input gradients (double-backprop
+        # saliency) pass to x as if the rounding were the identity; the value is unchanged on the grid.
+        log_probs = self.logits(x + (grid - x).detach()).log_softmax(dim=2)
         return log_probs.gather(2, levels.unsqueeze(2)).flatten(1).sum(1)
 
     @torch.no_grad()
