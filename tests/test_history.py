@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,32 @@ def test_dataframe_has_one_column_per_layer(tmp_path: Path) -> None:
     columns = ["split", "step", "epoch", "id", "log_likelihood", "total", "layer/a", "layer/b"]
     assert list(frame.columns) == columns
     assert frame["total"].tolist() == [4.0, 4.0]
+
+
+def test_per_step_quantiles_and_few_trajectories_of_a_batch_split(tmp_path: Path) -> None:
+    """A split of training batches: new ids at every step, so no sample × step grid is formed."""
+    writer = HistoryWriter(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    values = {}
+    for step in (0, 5, 10):
+        ids = torch.randperm(1000, generator=generator)[:7] + 10 * step
+        totals = torch.rand(7, generator=generator) * 10 + 0.1
+        totals[0] = float("nan") if step == 5 else totals[0]
+        writer.append(
+            "train_batch",
+            step,
+            0,
+            LayerNorms(torch.stack([totals, totals], 1) / 2, ("a", "b"), torch.zeros(7)),
+            ids,
+        )
+        values[step] = totals
+    writer.flush()
+    history = load_history(tmp_path)
+    steps, quantiles = history.log_total_quantiles("train_batch", (0.25, 0.5, 0.75))
+    assert steps.tolist() == [0, 5, 10]
+    for t, step in enumerate((0, 5, 10)):
+        logs = values[step].double().log().numpy()
+        expected = np.nanpercentile(logs, [25, 50, 75])
+        np.testing.assert_allclose(quantiles[:, t].numpy(), expected, rtol=1e-12)
+    ids, few_steps, grid = history.trajectories("train_batch", max_ids=2)
+    assert ids.tolist() == sorted(history.id.tolist())[:2] and grid.shape == (2, len(few_steps))

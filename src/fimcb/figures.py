@@ -181,8 +181,8 @@ def novelty_quantiles(history: History, split: str) -> tuple[np.ndarray, np.ndar
     """``(steps [T], quantiles [3, T])``: the 25th, 50th and 75th percentile over the split's samples of
     the log total squared FIM-norm at each step (samples not scored at a step left out)."""
     _split_rows(history, split)
-    _, steps, grid = history.trajectories(split)
-    return steps.numpy(), np.nanquantile(grid.numpy(), [0.25, 0.5, 0.75], axis=0)
+    steps, quantiles = history.log_total_quantiles(split, (0.25, 0.5, 0.75))
+    return steps.numpy(), quantiles.numpy()
 
 
 def novelty_over_time(
@@ -195,16 +195,14 @@ def novelty_over_time(
     ax = fig.subplots()
     for i, split in enumerate(splits):
         steps, (q25, q50, q75) = novelty_quantiles(history, split)
-        ids, _, grid = history.trajectories(split)
+        _, few_steps, grid = history.trajectories(split, max_ids=n_trajectories)
         color = _color(split, i)
-        for row in grid[:n_trajectories].numpy():
+        for row in grid.numpy():
             seen = np.isfinite(row)
-            ax.plot(steps[seen], row[seen], color=color, linewidth=0.6, alpha=0.45)
+            ax.plot(few_steps[seen].numpy(), row[seen], color=color, linewidth=0.6, alpha=0.45)
         ax.fill_between(steps, q25, q75, color=color, alpha=0.2, linewidth=0)
         marker = "o" if len(steps) < 3 else None
-        ax.plot(
-            steps, q50, color=color, linewidth=2, marker=marker, label=f"{split} (median, IQR; n={len(ids)})"
-        )
+        ax.plot(steps, q50, color=color, linewidth=2, marker=marker, label=f"{split} (median, IQR)")
     _style(ax, "FIM-norm of probe samples over training", "step", r"$\log \|s\|^2$ (total)")
     ax.legend(fontsize=TICK_SIZE)
     return fig

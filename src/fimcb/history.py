@@ -98,6 +98,20 @@ class History:
         """``[N]`` total squared FIM-norm (sum over layers)."""
         return self.layers.sum(dim=1)
 
+    def log_total_quantiles(self, split: str, levels: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """``(steps [T], quantiles [len(levels), T])`` of the log total norm over one split's samples at each
+        step (non-finite rows left out), step by step: no sample × step grid."""
+        rows = self.select(split)
+        steps, column = torch.unique(rows.step, return_inverse=True)
+        logs = rows.total.double().clamp_min(LOG_FLOOR).log()
+        q = torch.tensor(list(levels), dtype=torch.float64)
+        out = torch.full((len(q), len(steps)), float("nan"), dtype=torch.float64)
+        for t in range(len(steps)):
+            values = logs[(column == t) & torch.isfinite(logs)]
+            if len(values):
+                out[:, t] = torch.quantile(values, q)
+        return steps, out
+
     def select(self, split: str) -> History:
         """The rows of one split."""
         keep = torch.tensor([s == split for s in self.split], dtype=torch.bool)
@@ -115,9 +129,13 @@ class History:
             layers=self.layers[index],
         )
 
-    def trajectories(self, split: str) -> tuple[Tensor, Tensor, Tensor]:
-        """``(ids [S], steps [T], log total norm [S, T])`` of one split; NaN where a sample was not scored."""
+    def trajectories(self, split: str, max_ids: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids [S], steps [T], log total norm [S, T])`` of one split, for its ``max_ids`` lowest sample
+        ids if given (a split of training batches holds most of a dataset); NaN where a sample was not
+        scored."""
         rows = self.select(split)
+        if max_ids is not None:
+            rows = rows._rows(torch.isin(rows.id, torch.unique(rows.id)[:max_ids]))
         ids, id_index = torch.unique(rows.id, return_inverse=True)
         steps, step_index = torch.unique(rows.step, return_inverse=True)
         grid = torch.full((len(ids), len(steps)), float("nan"), dtype=torch.float64)
