@@ -7,10 +7,10 @@ Reads the run's ``metrics.csv`` (CSVLogger: accuracy and NLL per split) and ``hi
 FIM-norms of the training and validation probes) and prints, for each signal, when it had covered
 10 %, 50 % and 90 % of its change during the final transition: from ``--window`` events after the
 step after which training accuracy stays above 95 % (after memorisation and the last loss spike,
-which disturb every signal) to the end. Every signal is smoothed by the same trailing (causal) median over ``--window`` events,
-so no signal sees its future. The change of a rising signal (accuracy) is counted from its minimum
-in that window, that of a falling one (NLL, FIM-norms, which may first rise) from its maximum; the
-step of that extreme is printed too.
+which disturb every signal) to the end. Every signal is smoothed by the same trailing (causal)
+median over ``--window`` events, so no signal sees its future. The change of a rising signal
+(accuracy) is counted from its minimum in that window, that of a falling one (NLL, FIM-norms,
+which may first rise) from its maximum; the step of that extreme is printed too.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fimcb.figures import grokking_figure
+from fimcb.engine.types import LOG_FLOOR
+from fimcb.figures import training_dynamics
 from fimcb.history import load_history
 
 LEVELS = (0.1, 0.5, 0.9)
@@ -39,7 +40,7 @@ def fim_median(history_dir: Path) -> pd.DataFrame:
     """Median over each probe of the log total FIM-norm and of each layer's log norm, per split and step."""
     frame = load_history(history_dir).to_dataframe()
     layers = [c for c in frame.columns if c.startswith("layer/")]
-    logs = np.log(frame[["total", *layers]].clip(lower=1e-30))
+    logs = np.log(frame[["total", *layers]].clip(lower=LOG_FLOOR))
     logs[["split", "step"]] = frame[["split", "step"]]
     return logs.groupby(["split", "step"]).median()
 
@@ -76,7 +77,13 @@ def main() -> None:
     metrics = pd.read_csv(args.run / "metrics.csv")
     train_acc = logged(metrics, "train/acc_step")
     unsettled = train_acc[train_acc < 0.95]
-    settled = int(train_acc.index[train_acc.index > unsettled.index.max()][0]) if len(unsettled) else 0
+    after = train_acc.index[train_acc.index > unsettled.index.max()] if len(unsettled) else train_acc.index
+    if len(after) <= args.window:
+        raise SystemExit(
+            f"{args.run}: training accuracy stays above 95 % for at most {args.window} logged steps "
+            "before the run ends; train longer (the config's max_steps) before looking for grokking"
+        )
+    settled = int(after[0])
     fim = fim_median(args.run / "history")
     signals = {
         "val accuracy (rise)": (logged(metrics, "val/acc"), False),
@@ -98,7 +105,9 @@ def main() -> None:
         args.json.write_text(json.dumps({"settled": settled, "milestones": rows}, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        figure = grokking_figure(load_history(args.run / "history"), args.run / "metrics.csv", args.log_steps)
+        figure = training_dynamics(
+            load_history(args.run / "history"), args.run / "metrics.csv", args.log_steps
+        )
         figure.savefig(args.out, dpi=120)
         print(f"\nfigure written to {args.out}")
 

@@ -28,13 +28,12 @@ import torch
 from finished_runs import load_run
 from torch import nn
 
-from fimcb.detectors import DETECTORS
+from fimcb.detectors import BASELINE_METHODS, DETECTORS
 from fimcb.engine import LayerNorms
 from fimcb.evaluation import fit_and_score
 from fimcb.metrics import METRICS, Metric
 from fimcb.scoring import ScoringOptions, layer_norms_over
 
-BASELINES = ("likelihood", "typicality")
 DEFAULT_METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
 
 
@@ -54,7 +53,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     run = load_run(run_dir, args.overrides)
     dm = run.datamodule
     sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
-    detectors = [d for d in DETECTORS if d not in BASELINES]
+    detectors = [d for d in DETECTORS if d not in BASELINE_METHODS]
     out: dict = {}
     for name in args.metrics:
         metric: Metric | None = None  # fitted only when some group size's features are not cached
@@ -76,7 +75,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
                 cache.parent.mkdir(exist_ok=True)
                 torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds, fit_seconds), cache)
             fit, test = norms.pop("fit"), norms.pop("test")
-            result = fit_and_score(fit, test, norms, [*detectors, *BASELINES])
+            result = fit_and_score(fit, test, norms, [*detectors, *BASELINE_METHODS])
             aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.metrics.items()}
             out[name][k] = {
                 "aurocs": aurocs,
@@ -106,10 +105,10 @@ def tables(results: dict) -> str:
             for metric, by_k in by_metric.items():
                 entry = by_k[k]
                 for detector in next(iter(entry["aurocs"].values())):
-                    if detector in BASELINES and metric != next(iter(by_metric)):
+                    if detector in BASELINE_METHODS and metric != next(iter(by_metric)):
                         continue  # the baselines do not depend on the metric: once per table
                     row = [f"{entry['aurocs'][o][detector]:.3f}" for o in ood_sets]
-                    label = "–" if detector in BASELINES else metric
+                    label = "–" if detector in BASELINE_METHODS else metric
                     lines.append(f"| {label} | {detector} | " + " | ".join(row) + " |")
             lines += ["", "| metric | fit metric (s) | score all sets (s) |", "|---|---|---|"]
             for metric, by_k in by_metric.items():
@@ -134,7 +133,7 @@ def summary(results: dict) -> str:
                     (aurocs[ood][d], f"{m} + {d}")
                     for m, aurocs in entries.items()
                     for d in aurocs[ood]
-                    if d not in BASELINES
+                    if d not in BASELINE_METHODS
                 ]
                 best, label = max(candidates)
                 base = first[ood]
@@ -152,7 +151,9 @@ def compare(results: dict) -> str:
     for run, by_metric in results.items():
         for k in sorted({k for by_k in by_metric.values() for k in by_k}):
             entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
-            detectors = [d for d in next(iter(next(iter(entries.values())).values())) if d not in BASELINES]
+            detectors = [
+                d for d in next(iter(next(iter(entries.values())).values())) if d not in BASELINE_METHODS
+            ]
             lines += [
                 f"\n### {run}, k = {k}: mean AUROC over the OOD sets\n",
                 "| metric | " + " | ".join(detectors) + " |",
@@ -162,7 +163,7 @@ def compare(results: dict) -> str:
                 means = [sum(a[d] for a in aurocs.values()) / len(aurocs) for d in detectors]
                 lines.append(f"| {metric} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
             first = next(iter(entries.values()))
-            base = {b: sum(a[b] for a in first.values()) / len(first) for b in BASELINES}
+            base = {b: sum(a[b] for a in first.values()) / len(first) for b in BASELINE_METHODS}
             lines.append("baselines: " + ", ".join(f"{b} {v:.3f}" for b, v in base.items()))
     return "\n".join(lines)
 

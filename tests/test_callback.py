@@ -388,8 +388,10 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
     torch.testing.assert_close(
         first["top"]["value"], direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max())
     )
-    assert torch.all(first["top"]["value"][:-1] >= first["top"]["value"][1:])
-    assert float(first["bottom"]["value"][0]) <= float(first["top"]["value"][-1])
+    probe = torch.stack([train_set[i][0] for i in callback.probe_indices["influence"]])
+    everyone = influence(model, first["input"][None], probe)[0]  # the whole influence probe, by hand
+    torch.testing.assert_close(first["top"]["value"], everyone.sort(descending=True).values[:6])
+    torch.testing.assert_close(first["bottom"]["value"], everyone.sort().values[:6])
 
     # Figures: decodable, not blank PNGs.
     pngs = {p.stem: p for p in (run / "figures").glob("*.png")}
@@ -434,11 +436,13 @@ def test_failing_pictures_warn_and_keep_the_results(tmp_path: Path, monkeypatch:
 
     monkeypatch.setattr("fimcb.callback.collect_novel_samples", broken)
     trainer = _trainer(tmp_path, [_callback(pictures=True)], max_steps=4)
-    with pytest.warns(UserWarning, match="pictures failed .*no pictures today"):
+    with pytest.warns(UserWarning, match="most novel samples failed .*no pictures today"):
         trainer.fit(_model(), _datamodule())
     run = Path(trainer.log_dir)
     assert json.loads((run / "ood_metrics.json").read_text())["noise"]["fim_gaussian"]["auroc"] >= 0
     assert (run / "ood_scores.pt").is_file() and not (run / "novel_samples.pt").exists()
+    figures = {p.stem for p in (run / "figures").glob("*.png")}  # the other pictures are kept
+    assert {"roc_curves", "novelty_over_time"} <= figures and "novel_samples_most" not in figures
 
 
 def test_tensorboard_run_holds_histograms_over_steps_and_figures(tmp_path: Path) -> None:
@@ -462,3 +466,25 @@ def test_tensorboard_run_holds_histograms_over_steps_and_figures(tmp_path: Path)
     assert {"fimcb/roc_curves", "fimcb/novelty_over_time", "fimcb/novel_samples_most"} <= images
     assert "fimcb/influence" not in images  # influence_samples=0
     assert "fimcb/trajectories/text_summary" in events.Tags()["tensors"]
+
+
+def test_without_an_evaluation_the_history_figures_are_still_drawn(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [_callback(pictures=True, evaluate_ood=False)], max_steps=4)
+    trainer.fit(_model(), _datamodule())
+    figures = {p.stem for p in (Path(trainer.log_dir) / "figures").glob("*.png")}
+    assert {"novelty_over_time", "layer_heatmap_train_probe", "training_curves"} <= figures
+    assert "roc_curves" not in figures
+
+
+def test_bad_picture_and_batch_options_fail_early_or_are_skipped(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="n_novel must be >= 1"):
+        FIMNormCallback(n_novel=0)
+    with pytest.raises(ValueError, match=r"n_train_probe \(12\) holds no group of group_size=40"):
+        _callback(group_size=40)
+    # Batches of 32 hold no group of 40: not tracked, and training goes on.
+    callback = _callback(
+        track_train_batches=1, group_size=40, n_train_probe=40, n_val_probe=0, evaluate_ood=False
+    )
+    trainer = _trainer(tmp_path, [callback], max_steps=2, val_check_interval=None, limit_val_batches=0)
+    trainer.fit(_model(), _datamodule())
+    assert "train_batch" not in load_history(Path(trainer.log_dir) / "history").split

@@ -136,7 +136,8 @@ def test_trajectory_rows_are_complete_trajectories_of_the_kept_ids(tmp_path: Pat
             writer.append(split, step, step // 10, norms, torch.tensor(ids))
     writer.flush()
     history = load_history(tmp_path)
-    columns, rows = trajectory_rows(history, max_ids=2)
+    assert len(trajectory_rows(history, max_rows=7)[1]) == 2 * 3  # one whole trajectory per split
+    columns, rows = trajectory_rows(history, max_rows=12)  # two ids per split, 3 events each
     assert columns == TRAJECTORY_COLUMNS
     kept = {(r[0], r[1]) for r in rows}
     assert kept == {("train_probe", 1), ("train_probe", 5), ("val", 2), ("val", 7)}

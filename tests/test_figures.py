@@ -19,7 +19,6 @@ from fimcb.evaluation import ood_metrics
 from fimcb.figures import (
     ARTIFACTS,
     RunDirectoryError,
-    grokking_figure,
     influence_grid,
     layer_heatmap_data,
     load_run,
@@ -32,6 +31,7 @@ from fimcb.figures import (
     score_histograms,
     training_curves,
     training_curves_data,
+    training_dynamics,
 )
 from fimcb.history import HistoryWriter, load_history
 
@@ -237,10 +237,10 @@ def test_training_curves_data_reads_path_mapping_and_dataframe_alike(tmp_path: P
         training_curves({"step": [0.0], "fim/val/log_norm_mean": [1.0]})
 
 
-def test_grokking_figure_puts_accuracy_nll_and_fim_norm_on_one_time_axis(tmp_path: Path) -> None:
+def test_training_dynamics_puts_accuracy_nll_and_fim_norm_on_one_time_axis(tmp_path: Path) -> None:
     make_run(tmp_path, ("history", "metrics.csv"))
     history = load_history(tmp_path / "history")
-    fig = grokking_figure(history, tmp_path / "metrics.csv")
+    fig = training_dynamics(history, tmp_path / "metrics.csv")
     top, bottom, right = fig.axes
     assert [line.get_label() for line in top.get_lines()] == ["train/acc_epoch", "val/acc"]
     assert [line.get_label() for line in right.get_lines()] == ["train/nll_step", "val/nll"]
@@ -249,26 +249,40 @@ def test_grokking_figure_puts_accuracy_nll_and_fim_norm_on_one_time_axis(tmp_pat
     val = next(line for line in bottom.get_lines() if line.get_label().startswith("val"))
     np.testing.assert_array_equal(val.get_xdata(), steps)
     np.testing.assert_allclose(val.get_ydata(), quantiles[1])
-    only_nll = grokking_figure(history, {"step": [0.0, 1.0], "val/nll": [2.0, 1.0]})
+    only_nll = training_dynamics(history, {"step": [0.0, 1.0], "val/nll": [2.0, 1.0]})
     assert len(only_nll.axes) == 2 and only_nll.axes[0].get_ylabel() == "NLL (dashed)"  # no empty twin
     with pytest.raises(ValueError, match="neither"):
-        grokking_figure(history, {"step": [0.0], "train/bpd": [1.0]})
+        training_dynamics(history, {"step": [0.0], "train/bpd": [1.0]})
+
+
+def _tiles(fig) -> tuple[np.ndarray, list[str]]:
+    """The mosaic a grid figure draws and its texts (captions, row labels), in drawing order."""
+    (ax,) = fig.axes
+    (image,) = ax.get_images()
+    return np.asarray(image.get_array()), [t.get_text() for t in ax.texts]
 
 
 def test_sample_grid_rescales_images_over_the_whole_grid_and_overlays_saliency() -> None:
     samples = _novel_samples(tokens=False, influence=False)
     samples["sets"]["test"]["most"]["input"][0] *= 0.1  # a narrow range: stretched if rescaled on its own
-    fig = sample_grid(samples, "most")
-    assert len(fig.axes) == 2 * 3 * 4  # an image row and a saliency row per set, 4 samples each
-    drawn = [ax.get_images()[0].get_array() for ax in fig.axes]
-    assert min(a.min() for a in drawn) == 0 and max(a.max() for a in drawn) == 1  # one range for the grid
+    canvas, texts = _tiles(sample_grid(samples, "most"))
+    gap = 2  # round(0.3 * 8): the caption row above each 8 x 8 tile
+    assert canvas.shape == (2 * 3 * (8 + gap), 4 * (8 + gap), 3)  # an image and a saliency row per set
     inputs = torch.cat([samples["sets"][s]["most"]["input"] for s in samples["sets"]])
-    first = (inputs[0].permute(1, 2, 0).double() - inputs.min()) / (inputs.max() - inputs.min())
-    np.testing.assert_allclose(drawn[0], first.numpy(), rtol=1e-6)
-    assert [len(ax.get_images()) for ax in fig.axes[4:8]] == [2] * 4  # saliency overlaid on the image
-    assert fig.axes[0].get_title() == "#0 9" and fig.axes[4].get_ylabel() == "test: saliency"
-    least = sample_grid(samples, "least")
-    assert len(least.axes) == 3 * 4 and all(len(ax.get_images()) == 1 for ax in least.axes)
+    scaled = (inputs.double() - inputs.min()) / (inputs.max() - inputs.min())  # one range for the grid
+    first = scaled[0].mean(0) if scaled.shape[1] == 1 else scaled[0].permute(1, 2, 0)
+    tile = canvas[gap : gap + 8, gap // 2 : gap // 2 + 8]
+    np.testing.assert_allclose(tile if scaled.shape[1] == 3 else tile[..., 0], first.numpy(), rtol=1e-6)
+    assert canvas.min() >= 0 and canvas.max() <= 1
+    heat = samples["sets"]["test"]["most"]["saliency"][0]
+    hottest = divmod(int(heat.argmax()), 8)
+    overlay = canvas[8 + 2 * gap + hottest[0], gap // 2 + hottest[1]]
+    plain = canvas[gap + hottest[0], gap // 2 + hottest[1]]
+    assert not np.allclose(overlay, plain)  # the saliency row blends the heat map over the image
+    assert texts[:4] == ["#0 9", "#3 8", "#6 7", "#9 6"] and texts[4] == "test"
+    assert texts[9] == "test: saliency"
+    least_canvas, _ = _tiles(sample_grid(samples, "least"))
+    assert least_canvas.shape[0] == 3 * (8 + gap)
     samples["sets"]["test"]["most"]["saliency"] = torch.rand(4, 7, 7)
     with pytest.raises(ValueError, match=r"saliency map of shape \[7, 7\] for an image of \[8, 8\]"):
         sample_grid(samples, "most")
@@ -293,15 +307,10 @@ def test_token_samples_and_influence_are_shown_as_text() -> None:
 
 def test_influence_grid_has_a_row_per_query_with_top_and_bottom_samples() -> None:
     influence = _novel_samples(tokens=False, influence=True)["influence"]
-    fig = influence_grid(influence)
-    assert len(fig.axes) == 2 * (1 + 3 + 3)
-    titles = [ax.get_title() for ax in fig.axes[:7]]
-    assert titles[0] == "query 5" and titles[1].startswith("top #0 ") and titles[4].startswith("bottom #0 ")
-    assert fig.axes[7].get_ylabel() == "noise #1"
-    top = {"index": torch.arange(2), "input": torch.rand(2, 3, 8, 8)}  # no values
-    broken = {"queries": [{**influence["queries"][0], "top": top}]}
-    with pytest.raises(ValueError, match=r"lacks \['value'\]"):
-        influence_grid(broken)
+    canvas, texts = _tiles(influence_grid(influence))
+    assert canvas.shape[:2] == (2 * (8 + 2), (1 + 3 + 3) * (8 + 2))
+    assert texts[0] == "query 5" and texts[1].startswith("top #0 ") and texts[4].startswith("bottom #0 ")
+    assert texts[7] == "test #0" and texts[-1] == "noise #1"
 
 
 def test_run_figures_draws_what_the_artifacts_allow_and_every_png_is_an_image(tmp_path: Path) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -30,16 +30,18 @@ from fimcb.dashboards import dashboards
 from fimcb.detectors import Detector, build_detector
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
-from fimcb.engine.types import LOG_FLOOR
+from fimcb.engine.types import log_norms
 from fimcb.evaluation import OODResult, ood_evaluation
-from fimcb.figures import file_name, png_bytes, run_figures
-from fimcb.history import HistoryWriter, load_history, trajectory_rows
+from fimcb.figures import load_run, run_figures, write_figures
+from fimcb.history import HistoryWriter, trajectory_rows
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
 from fimcb.novel_samples import collect_novel_samples, save_novel_samples
 from fimcb.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.scoring import ScoringOptions
 from fimcb.tracking import DEFAULT_QUANTILES, summarize
+
+T = TypeVar("T")
 
 
 class FIMNormCallback(Callback):
@@ -123,13 +125,19 @@ class FIMNormCallback(Callback):
             ("n_train_probe", n_train_probe),
             ("n_val_probe", n_val_probe),
             ("track_train_batches", track_train_batches),
-            ("n_novel", n_novel),
             ("influence_samples", influence_samples),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
+        if n_novel < 1:
+            raise ValueError(f"n_novel must be >= 1 (pictures=False turns the pictures off), got {n_novel}")
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        for name, value in (("n_train_probe", n_train_probe), ("n_val_probe", n_val_probe)):
+            if 0 < value < group_size:
+                raise ValueError(
+                    f"{name} ({value}) holds no group of group_size={group_size}: raise it or use 0"
+                )
         self.every_n_train_steps = every_n_train_steps
         self.n_train_probe = n_train_probe
         self.n_val_probe = n_val_probe
@@ -208,8 +216,19 @@ class FIMNormCallback(Callback):
         self._track_eval_split(trainer, pl_module, "test", trainer.test_dataloaders)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.evaluate_ood:
-            self._evaluate(trainer, pl_module)
+        evaluated = self._evaluate(trainer, pl_module) if self.evaluate_ood else None
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective call: on every rank
+        if not trainer.is_global_zero:
+            return
+        if self.pictures:
+            start = time.perf_counter()
+            with _isolated_rng(pl_module.device):
+                self._write_pictures(trainer, pl_module, evaluated, out_dir)
+            self.seconds["pictures"] += time.perf_counter() - start
+        spent = ", ".join(f"{seconds:.1f} s {what}" for what, seconds in self.seconds.items())
+        total = time.perf_counter() - self._fit_start
+        figures = f"; figures in {out_dir / 'figures'}" if self.pictures else ""
+        rank_zero_info(f"FIMNormCallback took {spent}, of {total:.1f} s since training started{figures}")
 
     def state_dict(self) -> dict[str, Any]:
         """Probe indices and the last tracked step; after an evaluation also the fitted detectors and
@@ -244,7 +263,8 @@ class FIMNormCallback(Callback):
         self._track(trainer, pl_module, "train_probe", probe)
 
     def _maybe_track_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
-        """Score the training batch's own samples (after its optimizer step) every N steps."""
+        """Every N optimizer steps, score the samples of the batch that just ended. Under DDP each rank
+        holds its own batch: rank zero's is recorded (as Lightning logs rank zero's training loss)."""
         step = trainer.global_step
         if not self.track_train_batches or step % self.track_train_batches or step == self._last_batch_step:
             return
@@ -257,7 +277,8 @@ class FIMNormCallback(Callback):
             )
             self.track_train_batches = 0
             return
-        self._track(trainer, pl_module, "train_batch", (x, ids.cpu()))
+        if len(x) >= self.options.group_size:  # a last, short batch may hold less than one group
+            self._track(trainer, pl_module, "train_batch", (x, ids.cpu()), sharded=False)
 
     def _track_eval_split(
         self, trainer: L.Trainer, pl_module: L.LightningModule, split: str, loaders: Any
@@ -266,8 +287,15 @@ class FIMNormCallback(Callback):
             self._track(trainer, pl_module, split, self._probe(trainer, split, loaders, self.n_val_probe))
 
     def _track(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str, probe: tuple[Tensor, Tensor]
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prefix: str,
+        probe: tuple[Tensor, Tensor],
+        sharded: bool = True,
     ) -> None:
+        """Score ``probe`` (the same inputs on every rank: split across ranks and gathered; else this rank's
+        own, with no collective) and hand the rows to the loggers and the history."""
         start = time.perf_counter()
         k = self.options.group_size
         x, ids = probe
@@ -283,14 +311,15 @@ class FIMNormCallback(Callback):
             ).cpu()
 
         with _isolated_rng(pl_module.device):
-            norms = score_sharded(len(x) // k, score)  # split across DDP ranks, gathered on each
+            units = len(x) // k
+            norms = score_sharded(units, score) if sharded else score(list(range(units)))
         metrics = summarize(norms, f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.pictures:
-            log_norms = norms.total.double().clamp_min(LOG_FLOOR).log()
+            log_total = log_norms(norms.total)
             for dashboard in dashboards(trainer):
-                dashboard.histogram(f"fim/{prefix}/log_norm_hist", log_norms, trainer.global_step)
+                dashboard.histogram(f"fim/{prefix}/log_norm_hist", log_total, trainer.global_step)
         if self._writer is not None and trainer.is_global_zero:
             rows = ids[: len(norms) * k : k]  # a group's id is its first sample's
             self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, rows)
@@ -323,10 +352,14 @@ class FIMNormCallback(Callback):
 
     # ---- end of training -------------------------------------------------------------------
 
-    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> tuple[OODResult, dict[str, Any]] | None:
+        """Fit, score and log the OOD evaluation; the result and its test and OOD loaders (by set name),
+        or ``None`` when the data for it is missing."""
         loaders = self._evaluation_loaders(trainer)
         if loaders is None:
-            return
+            return None
         fit_loader, test_loader, ood_loaders = loaders
         start = time.perf_counter()
         # A fresh copy per evaluation: the metric is refitted to the weights of the moment.
@@ -356,29 +389,43 @@ class FIMNormCallback(Callback):
             result.save_features(out_dir / "ood_features.pt")
             if metric.state_dict():
                 torch.save(metric.state_dict(), out_dir / "fim_metric.pt")
-            if self.pictures:
-                start = time.perf_counter()
-                try:
-                    with _isolated_rng(pl_module.device):
-                        self._write_pictures(
-                            trainer, pl_module, result, {"test": test_loader, **ood_loaders}, out_dir
-                        )
-                except Exception as err:  # pictures are extras: the results above are written; keep them
-                    rank_zero_warn(
-                        f"FIMNormCallback: the pictures failed ({type(err).__name__}: {err}); the OOD "
-                        f"results are written to {out_dir}. Set pictures=False to skip them."
-                    )
-                self.seconds["pictures"] += time.perf_counter() - start
-            total = time.perf_counter() - self._fit_start
-            figures = f", figures to {out_dir / 'figures'}" if self.pictures else ""
-            spent = ", ".join(f"{seconds:.1f} s {what}" for what, seconds in self.seconds.items())
             rank_zero_info(
                 f"\nFIM-norm OOD detection (fit: validation split, in-distribution: test split)\n"
-                f"{result.table()}\nwritten to {path}{figures}\n"
-                f"FIMNormCallback took {spent}, of {total:.1f} s since training started"
+                f"{result.table()}\nwritten to {path}"
             )
+        return result, {"test": test_loader, **ood_loaders}
 
     def _write_pictures(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        evaluated: tuple[OODResult, dict[str, Any]] | None,
+        out_dir: Path,
+    ) -> None:
+        """Rank zero, at the end of training: after an evaluation, per-sample scores and the most and least
+        novel samples (with heat maps and influences); then the run's figures as PNGs and, with the probe
+        trajectories, on the dashboards. Each part that fails is reported and the others are kept."""
+        if evaluated is not None:
+            _attempt(
+                "writing the most novel samples",
+                lambda: self._write_novel_samples(trainer, pl_module, *evaluated, out_dir),
+            )
+        self._flush_history(trainer)
+        for logger in trainer.loggers:
+            logger.save()  # the figures read metrics.csv: write what CSVLogger still holds
+        run = _attempt("reading the run directory back", lambda: load_run(out_dir))
+        if run is None:
+            return
+        figures = run_figures(run)
+        write_figures(figures, out_dir / "figures")
+        boards = [board for board in dashboards(trainer) if board.shows_pictures]
+        for board in boards:
+            for name, figure in figures.items():
+                board.figure(f"fimcb/{name}", figure, trainer.global_step)
+            if run.history is not None:
+                board.table("fimcb/trajectories", *trajectory_rows(run.history), trainer.global_step)
+
+    def _write_novel_samples(
         self,
         trainer: L.Trainer,
         pl_module: L.LightningModule,
@@ -386,9 +433,6 @@ class FIMNormCallback(Callback):
         loaders: Mapping[str, Any],
         out_dir: Path,
     ) -> None:
-        """Rank zero, after an evaluation: per-sample scores, the most and least novel samples (with heat
-        maps and influences), the run's figures as PNGs, and all of it on the dashboards."""
-        step = trainer.global_step
         result.save_scores(out_dir / "ood_scores.pt")
         train_inputs = train_ids = None
         if self.influence_samples:
@@ -408,19 +452,6 @@ class FIMNormCallback(Callback):
             train_ids=train_ids,
         )
         save_novel_samples(samples, out_dir / NOVEL_SAMPLES_FILE)
-        self._flush_history(trainer)
-        for logger in trainer.loggers:
-            logger.save()  # the figures read metrics.csv: write what CSVLogger still holds
-        (out_dir / "figures").mkdir(exist_ok=True)
-        boards = dashboards(trainer)
-        for name, figure in run_figures(out_dir).items():
-            (out_dir / "figures" / file_name(name)).write_bytes(png_bytes(figure))
-            for dashboard in boards:
-                dashboard.figure(f"fimcb/{name}", figure, step)
-        if self._writer is not None and boards:
-            columns, rows = trajectory_rows(load_history(self._writer.directory))
-            for dashboard in boards:
-                dashboard.table("fimcb/trajectories", columns, rows, step)
 
     def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
         """Validation (fit), test (in-distribution) and OOD loaders, or ``None`` with a warning."""
@@ -446,13 +477,27 @@ class FIMNormCallback(Callback):
         return fit, test, ood
 
 
+def _attempt(what: str, work: Callable[[], T]) -> T | None:
+    """``work()``, or ``None`` with a warning when it fails: for the pictures, which are extras, after
+    the results they are drawn from are written."""
+    try:
+        return work()
+    except Exception as err:
+        rank_zero_warn(
+            f"FIMNormCallback: {what} failed ({type(err).__name__}: {err}); everything else is kept "
+            "(pictures=False skips the pictures)"
+        )
+        return None
+
+
 def _progress_bar(trainer: L.Trainer, wanted: bool) -> dict[str, Any]:
     """Scoring options for a progress bar like the trainer's: Lightning's ``Tqdm``, one line below its
-    main bar, on rank zero only, and none when the trainer shows none."""
+    main bar, on rank zero only; none when the trainer shows none, or shows a Rich bar (whose live
+    display a tqdm bar would garble)."""
     bar = trainer.progress_bar_callback
-    if not (wanted and trainer.is_global_zero and bar is not None and bar.is_enabled):
+    if not (wanted and trainer.is_global_zero and isinstance(bar, TQDMProgressBar) and bar.is_enabled):
         return {"progress": False}
-    position = 2 * getattr(bar, "process_position", 0) + 1
+    position = 2 * bar.process_position + 1
     factory = partial(
         Tqdm, position=position, dynamic_ncols=True, file=sys.stdout, bar_format=TQDMProgressBar.BAR_FORMAT
     )

@@ -27,6 +27,9 @@ HISTOGRAM_BINS = 64
 class Dashboard:
     """The adapter of a logger that takes only numbers: every picture is dropped."""
 
+    #: Whether pictures reach the logger, so that callers can skip drawing them for nothing.
+    shows_pictures = False
+
     def __init__(self, logger: Any) -> None:
         self.logger = logger
 
@@ -50,6 +53,8 @@ class Dashboard:
 class WandbDashboard(Dashboard):
     """Weights & Biases: histograms over steps, images, tables (``WandbLogger``)."""
 
+    shows_pictures = True
+
     def histogram(self, key: str, values: Tensor, step: int) -> None:
         import wandb
 
@@ -69,6 +74,8 @@ class WandbDashboard(Dashboard):
 
 class TensorBoardDashboard(Dashboard):
     """TensorBoard: histograms over steps, images, and tables and text as (markdown) text."""
+
+    shows_pictures = True
 
     def histogram(self, key: str, values: Tensor, step: int) -> None:
         finite = values[torch.isfinite(values)].double().cpu()

@@ -15,19 +15,22 @@ import io
 import json
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_roc
 
-from fimcb.engine.types import LOG_FLOOR
+from fimcb.engine.types import log_norms
 from fimcb.evaluation import Metrics, load_scores, ood_metrics, to_unit_interval
 from fimcb.history import PART_GLOB, History, load_history
 
@@ -213,7 +216,7 @@ def layer_heatmap_data(history: History, split: str) -> tuple[np.ndarray, tuple[
     layer and step (norms floored at ``LOG_FLOOR`` as in the detectors; non-finite rows left out)."""
     rows = _split_rows(history, split)
     steps, column = torch.unique(rows.step, return_inverse=True)
-    logs = rows.layers.double().clamp_min(LOG_FLOOR).log()
+    logs = log_norms(rows.layers)
     finite = torch.isfinite(logs)
     shape = (len(steps), logs.shape[1])
     sums = torch.zeros(shape, dtype=torch.float64).index_add_(0, column, torch.where(finite, logs, 0.0))
@@ -345,14 +348,6 @@ def _as_text(cell: _Cell, width: int = 110) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _blank(ax: Axes) -> None:
-    """No ticks and no frame, but keep the row label (``set_axis_off`` would hide it)."""
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-
-
 def _grid_figure(rows: Sequence[tuple[str, Sequence[_Cell]]], title: str) -> Figure:
     """Images as a grid (a row per entry, inputs rescaled over the whole grid), other inputs as text lines."""
     cells = [cell for _, row in rows for cell in row]
@@ -378,31 +373,46 @@ def _grid_figure(rows: Sequence[tuple[str, Sequence[_Cell]]], title: str) -> Fig
 
 
 def _image_grid(rows: Sequence[tuple[str, Sequence[_Cell]]], title: str, cells: list[_Cell]) -> Figure:
+    """One mosaic image (a tile per cell, inputs rescaled over the whole grid) drawn by a single ``imshow``
+    with the captions as text: a grid of a hundred small axes takes seconds to lay out and render."""
     values = torch.cat([cell.input.double().flatten() for cell in cells])
     values = values[torch.isfinite(values)]
     low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
     span = high - low if high > low else 1.0
+    height = max(cell.input.shape[1] for cell in cells)
+    width = max(cell.input.shape[2] for cell in cells)
+    gap = max(2, round(0.3 * height))  # room for a caption above each tile
     ncols = max(len(row) for _, row in rows)
+    canvas = np.ones((len(rows) * (height + gap), ncols * (width + gap), 3))
     fig = _figure(1.25 * ncols + 0.8, 1.45 * len(rows) + 0.5)
-    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    ax = fig.subplots()
     for r, (label, row) in enumerate(rows):
-        for c, ax in enumerate(axes[r]):
-            _blank(ax)
-            if c >= len(row):
-                continue
-            cell = row[c]
-            image = ((cell.input.double() - low) / span).nan_to_num(0.0).clamp(0, 1)
-            if cell.overlay is not None or image.shape[0] == 1:  # a heat map reads best over grey
-                ax.imshow(image.mean(0), cmap="gray", vmin=0, vmax=1)
-            else:
-                ax.imshow(image.permute(1, 2, 0))
-            if cell.overlay is not None:
-                heat = _heat(cell.overlay, image.shape[1:])
-                ax.imshow(heat, cmap="inferno", alpha=0.85 * heat, vmin=0, vmax=1)  # cold pixels transparent
-            ax.set_title(cell.caption, fontsize=CAPTION_SIZE)
-        axes[r][0].set_ylabel(label, fontsize=LABEL_SIZE)
+        top = r * (height + gap) + gap
+        for c, cell in enumerate(row):
+            left = c * (width + gap) + gap // 2
+            tile = _tile(((cell.input.double() - low) / span).nan_to_num(0.0).clamp(0, 1), cell.overlay)
+            canvas[top : top + tile.shape[0], left : left + tile.shape[1]] = tile
+            ax.text(
+                left + width / 2, top - 0.5, cell.caption, ha="center", va="bottom", fontsize=CAPTION_SIZE
+            )
+        ax.text(-0.5, top + height / 2, label, ha="right", va="center", rotation=90, fontsize=LABEL_SIZE)
+    ax.imshow(canvas, interpolation="nearest", vmin=0, vmax=1)
+    ax.set_axis_off()
     fig.suptitle(title, fontsize=TITLE_SIZE)
     return fig
+
+
+def _tile(image: Tensor, overlay: Tensor | None) -> np.ndarray:
+    """An image in [0, 1] as ``[H, W, 3]``; under a heat map it is grey, the map blended on top in
+    ``inferno`` with its own value as opacity (cold pixels transparent)."""
+    if overlay is None and image.shape[0] == 3:
+        return image.permute(1, 2, 0).numpy()
+    grey = image.mean(0).numpy()[..., None].repeat(3, axis=2)
+    if overlay is None:
+        return grey
+    heat = _heat(overlay, image.shape[1:])
+    alpha = 0.85 * heat[..., None]
+    return (1 - alpha) * grey + alpha * colormaps["inferno"](heat)[..., :3]
 
 
 def _heat(saliency: Tensor, shape: torch.Size) -> np.ndarray:
@@ -540,7 +550,7 @@ def _series(metrics: MetricsFrame, quantity: str) -> list[tuple[str, np.ndarray,
     return [curve for _, curve in best.values()]
 
 
-def grokking_figure(history: History, metrics: MetricsFrame, log_steps: bool = True) -> Figure:
+def training_dynamics(history: History, metrics: MetricsFrame, log_steps: bool = True) -> Figure:
     """Training dynamics on one time axis: accuracy (left axis) and NLL (right, twin axis; or alone) of train
     and val above, the median FIM-norm of each history split with its interquartile band below."""
     columns = _columns(metrics)
@@ -578,28 +588,41 @@ def grokking_figure(history: History, metrics: MetricsFrame, log_steps: bool = T
 
 
 def run_figures(run: str | Path | RunArtifacts) -> dict[str, Figure]:
-    """Every figure the artifacts of a run allow, by name (a run directory or :func:`load_run`'s result)."""
+    """Every figure the artifacts of a run allow, by name (a run directory or :func:`load_run`'s result).
+
+    A figure that cannot be drawn (a malformed artifact) is left out with a warning naming it, so that
+    one bad file does not cost the others."""
     run = run if isinstance(run, RunArtifacts) else load_run(run)
     figures: dict[str, Figure] = {}
+
+    def add(name: str, draw: Callable[[], Figure]) -> None:
+        try:
+            figures[name] = draw()
+        except Exception as err:
+            warnings.warn(f"figure {name!r} of {run.directory} left out: {err}", stacklevel=3)
+
     has_steps = run.metrics is not None and "step" in run.metrics
     curves = training_curves_data(run.metrics) if has_steps else {}
     if curves:
-        figures["training_curves"] = training_curves(run.metrics)
+        add("training_curves", lambda: training_curves(run.metrics))
     if run.history is not None:
+        history = run.history
         if "acc" in curves or "nll" in curves:
-            figures["training_dynamics"] = grokking_figure(run.history, run.metrics)
-        figures["novelty_over_time"] = novelty_over_time(run.history)
-        for split in _splits(run.history):
-            figures[f"layer_heatmap_{split}"] = layer_heatmap(run.history, split)
+            add("training_dynamics", lambda: training_dynamics(history, run.metrics))
+        add("novelty_over_time", lambda: novelty_over_time(history))
+        for split in _splits(history):
+            add(f"layer_heatmap_{split}", partial(layer_heatmap, history, split))
     if run.ood_scores is not None:
-        figures["roc_curves"] = roc_curves(run.ood_scores)
-        for method in _methods(run.ood_scores, None)[0]:
-            figures[f"score_histograms_{method}"] = score_histograms(run.ood_scores, method)
+        scores = run.ood_scores
+        add("roc_curves", lambda: roc_curves(scores))
+        for method in scores.get("test", {}):
+            add(f"score_histograms_{method}", partial(score_histograms, scores, method))
     if run.novel_samples is not None:
-        figures["novel_samples_most"] = sample_grid(run.novel_samples, "most")
-        figures["novel_samples_least"] = sample_grid(run.novel_samples, "least")
-        if run.novel_samples.get("influence"):
-            figures["influence"] = influence_grid(run.novel_samples["influence"])
+        samples = run.novel_samples
+        add("novel_samples_most", lambda: sample_grid(samples, "most"))
+        add("novel_samples_least", lambda: sample_grid(samples, "least"))
+        if samples.get("influence"):
+            add("influence", lambda: influence_grid(samples["influence"]))
     return figures
 
 
@@ -608,13 +631,19 @@ def file_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name) + ".png"
 
 
+def write_figures(figures: Mapping[str, Figure], out_dir: str | Path) -> dict[str, Path]:
+    """Write each figure as ``out_dir/<name>.png``; the paths by name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / file_name(name) for name in figures}
+    for name, figure in figures.items():
+        paths[name].write_bytes(png_bytes(figure))
+    return paths
+
+
 def save_run_figures(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
     """Write :func:`run_figures` as PNGs to ``out_dir`` (default ``<run_dir>/figures``); paths by name."""
     run = load_run(run_dir)
-    out = Path(out_dir) if out_dir is not None else run.directory / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for name, fig in run_figures(run).items():
-        paths[name] = out / file_name(name)
-        paths[name].write_bytes(png_bytes(fig))
-    return paths
+    return write_figures(
+        run_figures(run), Path(out_dir) if out_dir is not None else run.directory / "figures"
+    )

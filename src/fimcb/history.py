@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fimcb.engine import LayerNorms
-from fimcb.engine.types import LOG_FLOOR
+from fimcb.engine.types import log_norms
 
 PART_GLOB = "part-*.pt"
 
@@ -98,19 +98,29 @@ class History:
         """``[N]`` total squared FIM-norm (sum over layers)."""
         return self.layers.sum(dim=1)
 
+    @property
+    def log_total(self) -> Tensor:
+        """``[N]`` float64 log total squared FIM-norm (zero norms floored as in the detectors)."""
+        return log_norms(self.total)
+
     def log_total_quantiles(self, split: str, levels: Sequence[float]) -> tuple[Tensor, Tensor]:
         """``(steps [T], quantiles [len(levels), T])`` of the log total norm over one split's samples at each
-        step (non-finite rows left out), step by step: no sample × step grid."""
+        step (non-finite rows left out): rows sorted by step once, no sample × step grid."""
         rows = self.select(split)
-        steps, column = torch.unique(rows.step, return_inverse=True)
-        logs = rows.total.double().clamp_min(LOG_FLOOR).log()
+        logs = rows.log_total
+        finite = torch.isfinite(logs)
+        steps, counts = torch.unique(rows.step[finite], return_counts=True)
+        by_step = logs[finite][torch.argsort(rows.step[finite], stable=True)].split(counts.tolist())
         q = torch.tensor(list(levels), dtype=torch.float64)
-        out = torch.full((len(q), len(steps)), float("nan"), dtype=torch.float64)
-        for t in range(len(steps)):
-            values = logs[(column == t) & torch.isfinite(logs)]
-            if len(values):
-                out[:, t] = torch.quantile(values, q)
-        return steps, out
+        quantiles = [torch.quantile(values, q) for values in by_step]
+        return steps, torch.stack(quantiles, dim=1) if quantiles else torch.empty(
+            len(q), 0, dtype=torch.float64
+        )
+
+    def lowest_ids(self, max_ids: int) -> History:
+        """The rows of the ``max_ids`` lowest sample ids (their whole trajectories), for a look at a few
+        samples of a split that holds many (training batches)."""
+        return self._rows(torch.isin(self.id, torch.unique(self.id)[:max_ids]))
 
     def select(self, split: str) -> History:
         """The rows of one split."""
@@ -135,11 +145,11 @@ class History:
         scored."""
         rows = self.select(split)
         if max_ids is not None:
-            rows = rows._rows(torch.isin(rows.id, torch.unique(rows.id)[:max_ids]))
+            rows = rows.lowest_ids(max_ids)
         ids, id_index = torch.unique(rows.id, return_inverse=True)
         steps, step_index = torch.unique(rows.step, return_inverse=True)
         grid = torch.full((len(ids), len(steps)), float("nan"), dtype=torch.float64)
-        grid[id_index, step_index] = rows.total.double().clamp_min(LOG_FLOOR).log()
+        grid[id_index, step_index] = rows.log_total
         return ids, steps, grid
 
     def to_dataframe(self) -> Any:
@@ -192,22 +202,21 @@ def load_history(directory: str | Path) -> History:
 
 
 TRAJECTORY_COLUMNS: tuple[str, ...] = ("split", "id", "step", "epoch", "log_norm", "log_likelihood")
+WANDB_TABLE_ROWS = 10_000  # wandb.Table.MAX_ROWS: longer tables are cut when logged
 
 
-def trajectory_rows(history: History, max_ids: int = 256) -> tuple[tuple[str, ...], list[list[Any]]]:
+def trajectory_rows(
+    history: History, max_rows: int = WANDB_TABLE_ROWS
+) -> tuple[tuple[str, ...], list[list[Any]]]:
     """``history`` as a long table (``TRAJECTORY_COLUMNS``) for dashboards: a row per sample and event
-    with its log total norm, for the ``max_ids`` lowest sample ids of each split (whole trajectories)."""
-    kept = {
-        split: set(torch.unique(history.select(split).id)[:max_ids].tolist()) for split in set(history.split)
-    }
-    log_norm = history.total.double().clamp_min(LOG_FLOOR).log().tolist()
-    columns = zip(
-        history.split,
-        history.id.tolist(),
-        history.step.tolist(),
-        history.epoch.tolist(),
-        log_norm,
-        history.log_likelihood.double().tolist(),
-        strict=True,
-    )
-    return TRAJECTORY_COLUMNS, [list(row) for row in columns if row[1] in kept[row[0]]]
+    with its log total norm, at most ``max_rows`` rows (a W&B table keeps 10 000). Each split gets an
+    equal share, filled with the whole trajectories of its lowest sample ids."""
+    splits = list(dict.fromkeys(history.split))
+    table: list[list[Any]] = []
+    for split in splits:
+        rows = history.select(split)
+        n_ids = max(1, max_rows // (len(splits) * len(torch.unique(rows.step))))
+        rows = rows.lowest_ids(n_ids)
+        columns = (rows.id, rows.step, rows.epoch, rows.log_total, rows.log_likelihood.double())
+        table += [[split, *values] for values in zip(*(c.tolist() for c in columns), strict=True)]
+    return TRAJECTORY_COLUMNS, table

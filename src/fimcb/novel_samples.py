@@ -73,10 +73,12 @@ def collect_novel_samples(
     """Per set of ``result`` (``test`` and each OOD set, with their ``loaders``), the ``k`` most and
     least novel samples under ``method``, in the ``novel_samples.pt`` layout (:mod:`fimcb.figures`).
 
-    With groups (``group_size`` k > 1) a row stands for k consecutive samples; its first one is shown.
-    Float inputs of the most novel samples get a saliency heat map under ``metric`` (default: the
-    evaluation's metric). With ``train_inputs``, the ``n_queries`` most novel samples of each set get the
-    ``n_influence`` training samples of largest and of most negative influence on them.
+    ``index`` holds sample ids (the scored rows' ids, else stream positions). With groups
+    (``group_size`` k > 1) a row stands for k consecutive samples; its first one is shown. Images of the
+    most novel samples get a saliency heat map under ``metric`` (default: the evaluation's metric; NaN
+    for samples with a non-finite score or input). With ``train_inputs``, the ``n_queries`` most novel
+    samples of each set with finite scores get the ``n_influence`` training samples of largest and of
+    most negative influence on them.
     """
     method = novelty_method(result, method)
     metric = metric if metric is not None else result.metric
@@ -85,13 +87,28 @@ def collect_novel_samples(
     for name, by_method in result.scores.items():
         scores = by_method[method]
         order = torch.argsort(torch.nan_to_num(scores.double(), nan=float("inf")), descending=True)
-        entry = {}
-        for which, rows in (("most", order[:k]), ("least", order.flip(0)[:k])):
-            inputs = fetch_rows(loaders[name], rows * group_size)
-            entry[which] = {"index": rows, "score": scores[rows], "input": inputs, **_text(inputs, decode)}
+        rows = {"most": order[:k], "least": order.flip(0)[:k]}
+        inputs = fetch_rows(loaders[name], torch.cat(list(rows.values())) * group_size).split(
+            [len(r) for r in rows.values()]
+        )
+        norms = result.norms.get(name)
+        ids = norms.ids if norms is not None and norms.ids is not None else None
+        entry = {
+            which: {
+                "index": ids[r] if ids is not None else r * group_size,
+                "score": scores[r],
+                "input": x,
+                **_text(x, decode),
+            }
+            for (which, r), x in zip(rows.items(), inputs, strict=True)
+        }
         most = entry["most"]
-        if saliency and most["input"].is_floating_point():
-            most["saliency"] = saliency_map(input_saliency(model, most["input"], metric=metric)).cpu()
+        usable = torch.isfinite(most["score"]) & torch.isfinite(most["input"].flatten(1).double()).all(1)
+        if saliency and most["input"].is_floating_point() and most["input"].ndim == 4:
+            maps = torch.full((len(usable), *most["input"].shape[2:]), float("nan"))
+            if usable.any():  # a NaN score means non-finite gradients: nothing to differentiate
+                maps[usable] = saliency_map(input_saliency(model, most["input"][usable], metric=metric)).cpu()
+            most["saliency"] = maps
         out["sets"][name] = entry
         queries += [
             {
@@ -100,7 +117,7 @@ def collect_novel_samples(
                 "score": float(most["score"][i]),
                 "input": most["input"][i],
             }
-            for i in range(min(n_queries, len(most["index"])))
+            for i in usable.nonzero().flatten()[:n_queries].tolist()
         ]
     if train_inputs is not None and queries:
         out["influence"] = _influence(model, queries, train_inputs, train_ids, metric, n_influence, decode)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fimcb.engine import LayerNorms
+from fimcb.engine.types import log_norms
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -28,7 +29,7 @@ def summarize(
     norms = norms[finite]
     if len(norms) == 0:
         return out
-    log_total = norms.total.double().clamp_min(1e-300).log()
+    log_total = log_norms(norms.total)
     out[f"{prefix}/log_norm_mean"] = float(log_total.mean())
     out[f"{prefix}/log_norm_std"] = float(log_total.std()) if len(log_total) > 1 else 0.0
     levels = torch.tensor(list(quantiles), dtype=torch.float64)

@@ -14,6 +14,11 @@ from fimcb.metrics import Metric
 LOG_FLOOR = 1e-30
 
 
+def log_norms(values: Tensor) -> Tensor:
+    """``log`` of squared norms in float64, zero norms floored at ``LOG_FLOOR`` (NaN stays NaN)."""
+    return values.double().clamp_min(LOG_FLOOR).log()
+
+
 @dataclass(frozen=True)
 class LayerNorms:
     """Squared gradient norms of the per-sample log-likelihood, split by parameter tensor.
@@ -50,7 +55,7 @@ class LayerNorms:
 
     def log_features(self) -> Tensor:
         """``[N, L]`` float64 features ``log ||s_l||²`` of the paper (zero norms floored at ``LOG_FLOOR``)."""
-        return self.values.double().clamp_min(LOG_FLOOR).log()
+        return log_norms(self.values)
 
     def finite_rows(self) -> Tensor:
         """``[N]`` bool: rows whose norms and log-likelihood are all finite."""
