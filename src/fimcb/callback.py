@@ -81,8 +81,8 @@ class FIMNormCallback(Callback):
         track_train_batches: also score the samples of the training batch itself every this many
             optimizer steps (history split ``train_batch``; needs batches with sample ids); 0: never.
         pictures: log a histogram of the per-sample log norms at every tracking event (W&B,
-            TensorBoard) and, after the evaluation, write ``ood_scores.pt``, ``novel_samples.pt`` and
-            ``figures/*.png`` into the run directory and log those figures and the probe trajectories.
+            TensorBoard) and, at the end of training, write ``novel_samples.pt`` (after an evaluation)
+            and ``figures/*.png`` into the run directory and log those figures and the probe trajectories.
         n_novel: how many most (and least) novel samples per set to show, with saliency heat maps.
         saliency: add double-backprop heat maps (:func:`fimcb.saliency.input_saliency`) to the most
             novel samples of image data.
@@ -387,6 +387,7 @@ class FIMNormCallback(Callback):
             path = result.save(out_dir / self.output_file)
             torch.save({n: d.state_dict() for n, d in result.detectors.items()}, out_dir / "fim_detectors.pt")
             result.save_features(out_dir / "ood_features.pt")
+            result.save_scores(out_dir / "ood_scores.pt")
             if metric.state_dict():
                 torch.save(metric.state_dict(), out_dir / "fim_metric.pt")
             rank_zero_info(
@@ -433,7 +434,6 @@ class FIMNormCallback(Callback):
         loaders: Mapping[str, Any],
         out_dir: Path,
     ) -> None:
-        result.save_scores(out_dir / "ood_scores.pt")
         train_inputs = train_ids = None
         if self.influence_samples:
             train_inputs, train_ids = self._probe(
