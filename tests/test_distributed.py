@@ -19,6 +19,7 @@ from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.distributed import shard_units
 from fimcb.evaluation import ood_evaluation
+from fimcb.history import load_history
 from fimcb.metrics import KFAC, FittedDiagonal, LowRank
 from fimcb.models import Glow
 from fimcb.scoring import ScoringOptions, layer_norms_over
@@ -133,7 +134,9 @@ def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:
         )
 
     model = Glow(image_shape=(1, 8, 8), num_levels=17, n_levels=2, n_steps=1, hidden_channels=8, n_samples=0)
-    callback = FIMNormCallback(every_n_train_steps=2, n_train_probe=9, n_val_probe=7, progress=False)
+    callback = FIMNormCallback(
+        every_n_train_steps=2, n_train_probe=9, n_val_probe=7, progress=False, track_train_batches=1
+    )
     trainer = L.Trainer(
         strategy="ddp_spawn",
         accelerator="cpu",
@@ -175,3 +178,9 @@ def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:
     column = header.index("fim/train_probe/log_norm_mean")
     logged_steps = [r.split(",")[header.index("step")] for r in rows[1:] if r.split(",")[column]]
     assert logged_steps == ["0", "2"]  # once per event: rank zero logs, no duplicates
+    # Each rank holds its own training batch: rank zero's rows are its own samples, scored on its own.
+    batch = load_history(run_dir / "history").select("train_batch")
+    assert sorted(set(batch.step.tolist())) == [1, 2, 3]
+    last = batch.step == 3  # after the last optimizer step: scored with the final weights
+    x = torch.stack([dm.train_dataloader().dataset[int(i)][0] for i in batch.id[last]])
+    torch.testing.assert_close(batch.total[last], per_sample_layer_norms(model, x).total, rtol=1e-4, atol=0)
