@@ -414,6 +414,10 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
     assert sum(hist["fim/val/log_norm_hist/values"]) == 10
     for key in ("fimcb/roc_curves", "fimcb/novel_samples_most", "fimcb/layer_heatmap_val"):
         assert any(f"{key}/_type" in r for r in rows), key
+    (roc_row,) = [r for r in rows if "fimcb/roc/fim_gaussian_table/_type" in r]  # an interactive ROC chart
+    roc = json.loads((wandb_dir / "files" / roc_row["fimcb/roc/fim_gaussian_table/path"]).read_text())
+    noise = next(key for _, key, _ in roc["data"] if key.startswith("noise ("))
+    assert noise == f"noise ({callback.result.metrics['noise']['fim_gaussian']['auroc']:.3f})"
     (table_row,) = [r for r in rows if "fimcb/trajectories/_type" in r]
     table = json.loads((wandb_dir / "files" / table_row["fimcb/trajectories/path"]).read_text())
     assert table["columns"] == list(TRAJECTORY_COLUMNS) and len(table["data"]) == len(history)

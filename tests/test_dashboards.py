@@ -104,6 +104,8 @@ def test_wandb_offline_run_files_hold_histograms_images_and_tables(
     board.table(
         "fimcb/trajectories", ["split", "id", "log_norm"], [["val", 3, 1.25], ["val", 4, 2.5]], step=5
     )
+    long = torch.linspace(0, 1, 1001)  # a curve of 1 001 points: thinned to 200 of its own points
+    board.curves("fimcb/roc/m", {"a": ([0.0, 0.5, 1.0], [0.0, 0.8, 1.0]), "b": (long, long.square())}, step=5)
     wandb.finish()
     (run_dir,) = tmp_path.glob("wandb/offline-run-*")
     rows = history_rows(run_dir)
@@ -124,6 +126,15 @@ def test_wandb_offline_run_files_hold_histograms_images_and_tables(
     table = json.loads((run_dir / "files" / table_row["fimcb/trajectories/path"]).read_text())
     assert table["columns"] == ["split", "id", "log_norm"]
     assert table["data"] == [["val", 3, 1.25], ["val", 4, 2.5]]
+
+    (curve_row,) = [r for r in rows if "fimcb/roc/m_table/_type" in r]
+    chart = json.loads((run_dir / "files" / curve_row["fimcb/roc/m_table/path"]).read_text())
+    assert chart["columns"] == ["step", "lineKey", "lineVal"]
+    a = [[x, y] for x, key, y in chart["data"] if key == "a"]
+    b = [[x, y] for x, key, y in chart["data"] if key == "b"]
+    assert a == [[0.0, 0.0], [0.5, 0.8], [1.0, 1.0]]
+    assert len(b) == 200 and b[0][0] == 0.0 and b[-1][0] == 1.0
+    assert all(y == pytest.approx(x * x) for x, y in b)  # points of the curve itself, not interpolated
 
 
 def test_trajectory_rows_are_complete_trajectories_of_the_kept_ids(tmp_path: Path) -> None:

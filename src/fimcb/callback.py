@@ -32,7 +32,7 @@ from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.engine.types import log_norms
 from fimcb.evaluation import OODResult, ood_evaluation
-from fimcb.figures import load_run, run_figures, write_figures
+from fimcb.figures import load_run, roc_curves_of, run_figures, write_figures
 from fimcb.history import HistoryWriter, trajectory_rows
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
@@ -425,6 +425,9 @@ class FIMNormCallback(Callback):
                 board.figure(f"fimcb/{name}", figure, trainer.global_step)
             if run.history is not None:
                 board.table("fimcb/trajectories", *trajectory_rows(run.history), trainer.global_step)
+            for method in (run.ood_scores or {}).get("test", {}):  # interactive ROC charts where offered
+                curves = roc_curves_of(run.ood_scores, method)
+                board.curves(f"fimcb/roc/{method}", curves, trainer.global_step, f"ROC: {method}", "FPR")
 
     def _write_novel_samples(
         self,

@@ -10,7 +10,7 @@ imported unless it is used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 HISTOGRAM_BINS = 64
+CURVE_POINTS = 200  # points per curve of an interactive chart (a ROC curve has one per sample)
+Curve = tuple[Sequence[float], Sequence[float]]
 
 
 class Dashboard:
@@ -44,6 +46,12 @@ class Dashboard:
 
     def text(self, key: str, texts: Sequence[str], step: int) -> None:
         """Lines of text, shown verbatim."""
+
+    def curves(
+        self, key: str, curves: Mapping[str, Curve], step: int, title: str = "", xname: str = "x"
+    ) -> None:
+        """Named ``(x, y)`` curves on one chart, for loggers with interactive charts (the figure of the
+        same curves reaches the others)."""
 
     def figure(self, key: str, figure: Figure, step: int) -> None:
         """A matplotlib figure, rendered to an image."""
@@ -70,6 +78,15 @@ class WandbDashboard(Dashboard):
 
     def text(self, key: str, texts: Sequence[str], step: int) -> None:
         self.logger.log_text(key=key, columns=["step", "sample"], data=[[step, text] for text in texts])
+
+    def curves(
+        self, key: str, curves: Mapping[str, Curve], step: int, title: str = "", xname: str = "x"
+    ) -> None:
+        import wandb
+
+        xs, ys = zip(*(_thinned(x, y) for x, y in curves.values()), strict=True)
+        chart = wandb.plot.line_series(xs=xs, ys=ys, keys=list(curves), title=title, xname=xname)
+        self.logger.log_metrics({key: chart}, step=step)
 
 
 class TensorBoardDashboard(Dashboard):
@@ -150,6 +167,14 @@ def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
         multiline = any("\n" in text for text in texts)
         separator = "\n" + "-" * 40 + "\n" if multiline else "\n"  # one line per sample where possible
         path.write_text(separator.join(texts) + "\n", encoding="utf-8")
+
+
+def _thinned(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    """At most ``CURVE_POINTS`` of a curve's own points, evenly spaced along it, first and last kept."""
+    keep = (
+        sorted({round(i * (len(x) - 1) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)}) if len(x) else []
+    )
+    return [float(x[i]) for i in keep], [float(y[i]) for i in keep]
 
 
 def _cell(value: Any) -> str:

@@ -271,14 +271,23 @@ def roc_curve_data(scores_in: Tensor, scores_out: Tensor) -> tuple[np.ndarray, n
     return fpr.numpy(), tpr.numpy(), auroc
 
 
+def roc_curves_of(scores: Scores, method: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"<OOD set> (<AUROC>)": (fpr, tpr)}``: one method's ROC curve of ``test`` vs each OOD set."""
+    _, ood_sets = _methods(scores, method)
+    curves = {}
+    for ood in ood_sets:
+        fpr, tpr, auroc = roc_curve_data(scores["test"][method], scores[ood][method])
+        curves[f"{ood} ({auroc:.3f})"] = (fpr, tpr)
+    return curves
+
+
 def roc_curves(scores: Scores, method: str | None = None) -> Figure:
     """ROC curves of ``test`` vs each OOD set: a panel per method (or only ``method``), AUROC in legend."""
     methods, ood_sets = _methods(scores, method)
     fig, axes = _panels(len(methods))
     for ax, name in zip(axes, methods, strict=True):
-        for i, ood in enumerate(ood_sets):
-            fpr, tpr, auroc = roc_curve_data(scores["test"][name], scores[ood][name])
-            ax.plot(fpr, tpr, color=_color(ood, i), linewidth=1.5, label=f"{ood} ({auroc:.3f})")
+        for i, (label, (fpr, tpr)) in enumerate(roc_curves_of(scores, name).items()):
+            ax.plot(fpr, tpr, color=_color(ood_sets[i], i), linewidth=1.5, label=label)
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.7, linestyle="--")
         ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal")
         _style(ax, name, "false positive rate (test)", "true positive rate (OOD)")
