@@ -163,3 +163,19 @@ def test_trajectory_rows_are_complete_trajectories_of_the_kept_ids(tmp_path: Pat
         assert epoch == step // 10
         assert log_norm == pytest.approx(float(history.total[i].double().log()))
         assert log_likelihood == pytest.approx(float(history.log_likelihood[i]))
+
+
+def test_a_written_png_reaches_the_logger_as_the_figure_itself(tmp_path: Path) -> None:
+    from fimcb.figures import png_bytes
+
+    figure = _figure()
+    path = tmp_path / "figure.png"
+    path.write_bytes(png_bytes(figure, dpi=50))
+    shown = {}
+
+    class Recorder(Dashboard):
+        def image(self, key: str, image: torch.Tensor, step: int) -> None:
+            shown[key, step] = image
+
+    Recorder(None).png("fimcb/figure", path, step=3)
+    torch.testing.assert_close(shown["fimcb/figure", 3], figure_to_image(figure))  # decoded, same pixels

@@ -417,12 +417,11 @@ class FIMNormCallback(Callback):
         run = _attempt("reading the run directory back", lambda: load_run(out_dir))
         if run is None:
             return
-        figures = run_figures(run)
-        write_figures(figures, out_dir / "figures")
+        paths = write_figures(run_figures(run), out_dir / "figures")
         boards = [board for board in dashboards(trainer) if board.shows_pictures]
         for board in boards:
-            for name, figure in figures.items():
-                board.figure(f"fimcb/{name}", figure, trainer.global_step)
+            for name, path in paths.items():
+                board.png(f"fimcb/{name}", path, trainer.global_step)
             if run.history is not None:
                 board.table("fimcb/trajectories", *trajectory_rows(run.history), trainer.global_step)
             for method in (run.ood_scores or {}).get("test", {}):  # interactive ROC charts where offered

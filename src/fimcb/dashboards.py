@@ -19,6 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_png, read_file
 from torchvision.utils import save_image
 
 HISTOGRAM_BINS = 64
@@ -56,6 +57,10 @@ class Dashboard:
     def figure(self, key: str, figure: Figure, step: int) -> None:
         """A matplotlib figure, rendered to an image."""
         self.image(key, figure_to_image(figure), step)
+
+    def png(self, key: str, path: str | Path, step: int) -> None:
+        """A PNG file already rendered (a figure written to disk): decoded, not drawn again."""
+        self.image(key, decode_png(read_file(str(path)), ImageReadMode.RGB).float() / 255, step)
 
 
 class WandbDashboard(Dashboard):
