@@ -26,13 +26,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from fimcb.dashboards import dashboards
+from fimcb.dashboards import Dashboard, dashboards
 from fimcb.detectors import Detector, build_detector
 from fimcb.distributed import score_sharded
 from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
 from fimcb.engine.types import log_norms
 from fimcb.evaluation import OODResult, ood_evaluation
-from fimcb.figures import load_run, roc_curves_of, run_figures, write_figures
+from fimcb.figures import RunArtifacts, load_run, roc_curves_of, run_figures, write_figures
 from fimcb.history import HistoryWriter, trajectory_rows
 from fimcb.metrics import Metric, resolve_metric
 from fimcb.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
@@ -403,9 +403,9 @@ class FIMNormCallback(Callback):
         evaluated: tuple[OODResult, dict[str, Any]] | None,
         out_dir: Path,
     ) -> None:
-        """Rank zero, at the end of training: after an evaluation, per-sample scores and the most and least
-        novel samples (with heat maps and influences); then the run's figures as PNGs and, with the probe
-        trajectories, on the dashboards. Each part that fails is reported and the others are kept."""
+        """Rank zero, at the end of training: after an evaluation, the most and least novel samples (with
+        heat maps and influences); then the run's figures as PNGs and, with the probe trajectories and
+        ROC charts, on the dashboards. Each part that fails is reported and the others are kept."""
         if evaluated is not None:
             _attempt(
                 "writing the most novel samples",
@@ -418,15 +418,25 @@ class FIMNormCallback(Callback):
         if run is None:
             return
         paths = write_figures(run_figures(run), out_dir / "figures")
-        boards = [board for board in dashboards(trainer) if board.shows_pictures]
-        for board in boards:
-            for name, path in paths.items():
-                board.png(f"fimcb/{name}", path, trainer.global_step)
-            if run.history is not None:
-                board.table("fimcb/trajectories", *trajectory_rows(run.history), trainer.global_step)
-            for method in (run.ood_scores or {}).get("test", {}):  # interactive ROC charts where offered
-                curves = roc_curves_of(run.ood_scores, method)
-                board.curves(f"fimcb/roc/{method}", curves, trainer.global_step, f"ROC: {method}", "FPR")
+        for board in dashboards(trainer):
+            if board.shows_pictures:
+                name = type(board.logger).__name__
+                _attempt(
+                    f"logging the pictures to {name}",
+                    lambda b=board: self._show(b, run, paths, trainer.global_step),
+                )
+
+    @staticmethod
+    def _show(board: Dashboard, run: RunArtifacts, paths: Mapping[str, Path], step: int) -> None:
+        """The figures, the probe trajectories and interactive ROC charts (where offered) on one dashboard."""
+        for name, path in paths.items():
+            board.png(f"fimcb/{name}", path, step)
+        if run.history is not None:
+            board.table("fimcb/trajectories", *trajectory_rows(run.history), step)
+        for method in (run.ood_scores or {}).get("test", {}):
+            board.curves(
+                f"fimcb/roc/{method}", roc_curves_of(run.ood_scores, method), step, f"ROC: {method}", "FPR"
+            )
 
     def _write_novel_samples(
         self,
