@@ -316,10 +316,11 @@ class FIMNormCallback(Callback):
         metrics = summarize(norms, f"fim/{prefix}", self.quantiles, self.log_per_layer)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if self.pictures:
+        boards = [board for board in dashboards(trainer) if board.shows_pictures] if self.pictures else []
+        if boards:
             log_total = log_norms(norms.total)
-            for dashboard in dashboards(trainer):
-                dashboard.histogram(f"fim/{prefix}/log_norm_hist", log_total, trainer.global_step)
+            for board in boards:
+                board.histogram(f"fim/{prefix}/log_norm_hist", log_total, trainer.global_step)
         if self._writer is not None and trainer.is_global_zero:
             rows = ids[: len(norms) * k : k]  # a group's id is its first sample's
             self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, rows)

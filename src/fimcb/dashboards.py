@@ -152,26 +152,33 @@ def figure_to_image(figure: Figure) -> Tensor:
 
 def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
     """Log a ``[C, H, W]`` image in ``[0, 1]`` to every logger that takes images, and as a PNG file."""
-    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    path = _sample_file(trainer, "images", key, step, ".png")  # before the rank check: a collective
     for dashboard in dashboards(trainer):
         dashboard.image(key, image, step)
-    if log_dir is not None and trainer.is_global_zero:
-        path = Path(log_dir) / "images" / f"{key}_step{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:
         save_image(image, path)
 
 
 def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
     """Log lines of text to every logger that takes text (W&B table, TensorBoard) and as a text file."""
-    log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+    path = _sample_file(trainer, "samples", key, step, ".txt")  # before the rank check: a collective
     for dashboard in dashboards(trainer):
         dashboard.text(key, texts, step)
-    if log_dir is not None and trainer.is_global_zero:
-        path = Path(log_dir) / "samples" / f"{key}_step{step:07d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None:
         multiline = any("\n" in text for text in texts)
         separator = "\n" + "-" * 40 + "\n" if multiline else "\n"  # one line per sample where possible
         path.write_text(separator.join(texts) + "\n", encoding="utf-8")
+
+
+def _sample_file(trainer: L.Trainer, folder: str, key: str, step: int, suffix: str) -> Path | None:
+    """``<log_dir>/<folder>/<key>_step<step><suffix>`` (its folder made) on rank zero, else ``None``.
+    Every rank must call it: ``trainer.log_dir`` is a collective under DDP."""
+    log_dir = trainer.log_dir
+    if log_dir is None or not trainer.is_global_zero:
+        return None
+    path = Path(log_dir) / folder / f"{key}_step{step:07d}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _thinned(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:

@@ -80,15 +80,16 @@ class OODResult:
     def save_features(self, path: str | Path) -> Path:
         """Write every set's per-sample layer norms (``fit``, ``test`` and each OOD set) with
         ``torch.save`` as plain tensors and lists, for analysis without rescoring (:func:`load_features`)."""
-        return _torch_save({name: asdict(norms) for name, norms in self.norms.items()}, path)
+        return torch_save({name: asdict(norms) for name, norms in self.norms.items()}, path)
 
     def save_scores(self, path: str | Path) -> Path:
         """Write the per-sample scores ``[set][method] -> [N]`` (``test`` and each OOD set; higher = more
         novel) with ``torch.save``, for ROC curves and histograms without rescoring (:func:`load_scores`)."""
-        return _torch_save({name: dict(by_method) for name, by_method in self.scores.items()}, path)
+        return torch_save({name: dict(by_method) for name, by_method in self.scores.items()}, path)
 
 
-def _torch_save(obj: Any, path: str | Path) -> Path:
+def torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)``, the parent folders made first; the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.detectors import BASELINE_METHODS
-from fimcb.evaluation import OODResult
+from fimcb.evaluation import OODResult, torch_save
 from fimcb.influence import influence, top_influences
 from fimcb.metrics import Metric
 from fimcb.protocol import unpack_batch
@@ -156,7 +156,4 @@ def _text(inputs: Tensor, decode: Callable[[Tensor], str] | None) -> dict[str, l
 
 def save_novel_samples(samples: Mapping[str, Any], path: str | Path) -> Path:
     """Write :func:`collect_novel_samples`' dict (loadable with ``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(samples), path)
-    return path
+    return torch_save(dict(samples), path)

@@ -31,10 +31,10 @@ from fimcb.figures import (
     OOD_SCORES,
     RunArtifacts,
     RunDirectoryError,
-    file_name,
     load_run,
     png_bytes,
     run_figures,
+    write_figures,
 )
 
 FORMATS = ("md", "html")
@@ -203,9 +203,8 @@ def _markdown(blocks: Sequence[_Block], folder: Path) -> str:
         elif isinstance(block, _Table):
             lines.append(_markdown_table(block))
         else:
-            name = file_name(block.name)
-            (folder / name).write_bytes(png_bytes(block.figure))
-            lines.append(f"![{block.name}]({name})")
+            (path,) = write_figures({block.name: block.figure}, folder).values()
+            lines.append(f"![{block.name}]({path.name})")
         lines.append("")
     return "\n".join(lines)
 
