@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fimcb.engine.types import LOG_FLOOR
-from fimcb.figures import training_dynamics
-from fimcb.history import load_history
+from fimcb.core.norms import LOG_FLOOR
+from fimcb.run.history import load_history
+from fimcb.viz.figures import training_dynamics
 
 LEVELS = (0.1, 0.5, 0.9)
 

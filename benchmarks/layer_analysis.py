@@ -25,9 +25,9 @@ from pathlib import Path
 
 from finished_runs import load_run
 
-from fimcb.analysis import layer_aurocs, plot_layer_aurocs
 from fimcb.engine import LayerNorms
-from fimcb.evaluation import fit_and_score, load_features, ood_evaluation
+from fimcb.evaluation.analysis import layer_aurocs, plot_layer_aurocs
+from fimcb.evaluation.ood import fit_and_score, load_features, ood_evaluation
 
 
 def rescore(run_dir: Path, overrides: list[str], path: Path) -> dict[str, LayerNorms]:

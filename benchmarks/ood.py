@@ -30,9 +30,9 @@ from torch import nn
 
 from fimcb.detectors import BASELINE_METHODS, DETECTORS
 from fimcb.engine import LayerNorms
-from fimcb.evaluation import fit_and_score
+from fimcb.evaluation.ood import fit_and_score
+from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import METRICS, Metric
-from fimcb.scoring import ScoringOptions, layer_norms_over
 
 DEFAULT_METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
 

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import torch
 from finished_runs import load_run
 
-from fimcb.evaluation import ood_evaluation
-from fimcb.figures import png_bytes, run_figures
-from fimcb.novel_samples import FILE_NAME, collect_novel_samples, save_novel_samples
+from fimcb.evaluation.ood import ood_evaluation
+from fimcb.viz.figures import png_bytes, run_figures
+from fimcb.viz.novel_samples import FILE_NAME, collect_novel_samples, save_novel_samples
 
 T = TypeVar("T")
 

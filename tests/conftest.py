@@ -36,4 +36,4 @@ def _seed_and_threads() -> Iterator[None]:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # small models: one thread is fastest and immune to core contention
     yield
-    torch.set_flush_denormal(False)  # fimcb.cli.main turns it on for the process; hypothesis needs subnormals
+    torch.set_flush_denormal(False)  # the CLI's main turns it on for the process; hypothesis needs subnormals

@@ -15,14 +15,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
+from fimcb.attribution.influence import influence
+from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
-from fimcb.evaluation import load_features, load_scores
-from fimcb.history import TRAJECTORY_COLUMNS, load_history
-from fimcb.influence import influence
+from fimcb.evaluation.ood import load_features, load_scores
 from fimcb.metrics import METRICS
 from fimcb.models import Glow
-from fimcb.saliency import input_saliency, saliency_map
+from fimcb.run.history import TRAJECTORY_COLUMNS, load_history
 
 OOD = ["sample_patches", "vflip", "noise"]
 
@@ -438,7 +438,7 @@ def test_failing_pictures_warn_and_keep_the_results(tmp_path: Path, monkeypatch:
     def broken(*args, **kwargs):
         raise RuntimeError("no pictures today")
 
-    monkeypatch.setattr("fimcb.callback.collect_novel_samples", broken)
+    monkeypatch.setattr("fimcb.lightning.callback.collect_novel_samples", broken)
     trainer = _trainer(tmp_path, [_callback(pictures=True)], max_steps=4)
     with pytest.warns(UserWarning, match="most novel samples failed .*no pictures today"):
         trainer.fit(_model(), _datamodule())

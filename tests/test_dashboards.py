@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from matplotlib.figure import Figure
 from PIL import Image
 
-from fimcb.dashboards import (
+from fimcb.engine import LayerNorms
+from fimcb.lightning.dashboards import (
     Dashboard,
     TensorBoardDashboard,
     WandbDashboard,
@@ -21,8 +22,7 @@ from fimcb.dashboards import (
     figure_to_image,
     register_dashboard,
 )
-from fimcb.engine import LayerNorms
-from fimcb.history import TRAJECTORY_COLUMNS, HistoryWriter, load_history, trajectory_rows
+from fimcb.run.history import TRAJECTORY_COLUMNS, HistoryWriter, load_history, trajectory_rows
 
 
 def _figure() -> Figure:
@@ -166,7 +166,7 @@ def test_trajectory_rows_are_complete_trajectories_of_the_kept_ids(tmp_path: Pat
 
 
 def test_a_written_png_reaches_the_logger_as_the_figure_itself(tmp_path: Path) -> None:
-    from fimcb.figures import png_bytes
+    from fimcb.viz.figures import png_bytes
 
     figure = _figure()
     path = tmp_path / "figure.png"

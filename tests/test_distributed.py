@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from toy_models import ConvEnergy
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
+from fimcb.core.distributed import shard_units
 from fimcb.data import ImageDataModule
-from fimcb.distributed import shard_units
-from fimcb.evaluation import ood_evaluation
-from fimcb.history import load_history
+from fimcb.evaluation.ood import ood_evaluation
+from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import KFAC, FittedDiagonal, LowRank
 from fimcb.models import Glow
-from fimcb.scoring import ScoringOptions, layer_norms_over
+from fimcb.run.history import load_history
 
 WORLD = 2
 N_SAMPLES = 37  # odd: the ranks get different numbers of real samples

@@ -14,7 +14,6 @@ from torchmetrics.functional.classification import binary_auroc
 from toy_models import LinearFlow
 
 from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
-from fimcb.analysis import LayerAUROCs, layer_aurocs, plot_layer_aurocs
 from fimcb.detectors import (
     DEFAULT_METHODS,
     DETECTORS,
@@ -23,8 +22,9 @@ from fimcb.detectors import (
     Typicality,
     build_detector,
 )
-from fimcb.evaluation import to_unit_interval
-from fimcb.scoring import ScoringOptions
+from fimcb.evaluation.analysis import LayerAUROCs, layer_aurocs, plot_layer_aurocs
+from fimcb.evaluation.ood import to_unit_interval
+from fimcb.evaluation.scoring import ScoringOptions
 
 
 def _sklearn_metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:

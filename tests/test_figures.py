@@ -15,8 +15,9 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fimcb.engine import LayerNorms
-from fimcb.evaluation import ood_metrics
-from fimcb.figures import (
+from fimcb.evaluation.ood import ood_metrics
+from fimcb.run.history import HistoryWriter, load_history
+from fimcb.viz.figures import (
     ARTIFACTS,
     RunDirectoryError,
     influence_grid,
@@ -33,7 +34,6 @@ from fimcb.figures import (
     training_curves_data,
     training_dynamics,
 )
-from fimcb.history import HistoryWriter, load_history
 
 LAYERS = ("embed.weight", "block.0.weight", "head.bias")
 #: (split, step, sample ids) of every event in the synthetic history.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fimcb.engine import LayerNorms
-from fimcb.history import HistoryWriter, load_history
+from fimcb.run.history import HistoryWriter, load_history
 
 
 def _norms(n: int, value: float) -> LayerNorms:

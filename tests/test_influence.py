@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from toy_models import MLPEnergy
 
-from fimcb.influence import TopInfluences, influence, top_influences
+from fimcb.attribution.influence import TopInfluences, influence, top_influences
+from fimcb.core.metric import polarised_inner_products
 from fimcb.metrics import KFAC, FittedDiagonal, LayerScalar, LowRank, Metric, resolve_metric
-from fimcb.metrics.base import polarised_inner_products
 
 DAMPING = 0.05
 F64 = torch.float64

@@ -332,14 +332,14 @@ def test_model_without_kronecker_modules() -> None:
 def test_fit_split_over_ranks_equals_single_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ranks simulated in one process (a real gloo pair costs ~20 s of imports): rank 1's
     statistics are recorded at its ``all_reduce_sum`` calls, rank 0's calls add them, in order."""
-    import fimcb.distributed
+    import fimcb.metrics.base
 
     model = SeqModel().double()
     batches = [torch.randn(n, 2, 3, dtype=torch.float64) for n in (4, 3, 3)]
     recorded: list[Tensor] = []
-    monkeypatch.setattr(fimcb.distributed, "all_reduce_sum", lambda t: recorded.append(t.clone()) or t)
+    monkeypatch.setattr(fimcb.metrics.base, "all_reduce_sum", lambda t: recorded.append(t.clone()) or t)
     KFAC(n_samples=100).fit(model, batches[2:])  # rank 1: 3 samples
-    monkeypatch.setattr(fimcb.distributed, "all_reduce_sum", lambda t: t + recorded.pop(0))
+    monkeypatch.setattr(fimcb.metrics.base, "all_reduce_sum", lambda t: t + recorded.pop(0))
     split = KFAC(n_samples=100).fit(model, batches[:2]).state_dict()  # rank 0: 7 samples
     assert not recorded
     monkeypatch.undo()

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from toy_models import LinearFlow, MLPEnergy
 
-import fimcb.distributed
+import fimcb.metrics.base
 from fimcb import per_sample_layer_norms
 from fimcb.metrics.diagonal import FittedDiagonal, FittedMetric, LayerScalar
 from fimcb.metrics.fitting import fisher_inputs
@@ -313,7 +313,7 @@ def test_statistics_are_reduced_once_over_ranks(monkeypatch: pytest.MonkeyPatch)
         return 2 * t
 
     single = [LayerScalar().fit(model, batches), FittedDiagonal().fit(model, batches)]
-    monkeypatch.setattr(fimcb.distributed, "all_reduce_sum", two_ranks)
+    monkeypatch.setattr(fimcb.metrics.base, "all_reduce_sum", two_ranks)
     parallel = [LayerScalar().fit(model, batches), FittedDiagonal().fit(model, batches)]
     assert len(calls) == 2
     for a, b in zip(single, parallel, strict=True):

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fimcb.engine import LayerNorms
-from fimcb.evaluation import OODResult
-from fimcb.novel_samples import collect_novel_samples, fetch_rows, novelty_method
+from fimcb.evaluation.ood import OODResult
+from fimcb.viz.novel_samples import collect_novel_samples, fetch_rows, novelty_method
 
 
 class _Tokens(nn.Module):

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from test_figures import METHODS, OOD_SETS, assert_png, make_run
 
-from fimcb.evaluation import METRIC_NAMES
-from fimcb.figures import ARTIFACTS
-from fimcb.report import MISSING_NOTES, build_report, main
+from fimcb.evaluation.ood import METRIC_NAMES
+from fimcb.viz.figures import ARTIFACTS
+from fimcb.viz.report import MISSING_NOTES, build_report, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_cli_main_writes_the_report_and_prints_its_path(
 def test_python_dash_m_runs_the_report(tmp_path: Path) -> None:
     make_run(tmp_path, ("metrics.csv",))
     done = subprocess.run(
-        [sys.executable, "-m", "fimcb.report", str(tmp_path), "--out", str(tmp_path / "r.md")],
+        [sys.executable, "-m", "fimcb.viz.report", str(tmp_path), "--out", str(tmp_path / "r.md")],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from toy_models import ControlFlowModel, ConvEnergy, MLPEnergy, TokenBigram
 
+from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.metrics import KFAC, Diagonal, FittedDiagonal, LowRank, Metric, resolve_metric
 from fimcb.models.diffusion import Diffusion
 from fimcb.models.glow import Glow
 from fimcb.models.pixelcnn import PixelCNN
 from fimcb.models.vae import VAE
-from fimcb.saliency import input_saliency, saliency_map
 
 
 class GaussianMean(nn.Module):

@@ -10,20 +10,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fimcb.attribution.influence import influence, top_influences
+from fimcb.attribution.saliency import input_saliency, saliency_map
+from fimcb.core.protocol import LikelihoodModel, ModelProtocolError
 from fimcb.detectors import DETECTORS, Detector, build_detector
 from fimcb.engine import LayerNorms, per_sample_layer_norms
-from fimcb.evaluation import OODResult, evaluate_ood, ood_evaluation, ood_metrics
-from fimcb.history import load_history
-from fimcb.influence import influence, top_influences
+from fimcb.evaluation.ood import OODResult, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import Identity, Metric
-from fimcb.protocol import LikelihoodModel, ModelProtocolError
-from fimcb.saliency import input_saliency, saliency_map
-from fimcb.scoring import ScoringOptions, layer_norms_over
-from fimcb.tracking import summarize
+from fimcb.run.history import load_history
+from fimcb.run.summaries import summarize
 
 __version__ = "0.1.0"
 
-_LAZY = {"FIMNormCallback": "fimcb.callback"}
+_LAZY = {"FIMNormCallback": "fimcb.lightning.callback"}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from fimcb.engine import LayerNorms
+from fimcb.core.norms import LayerNorms
 
 
 class NotFittedError(RuntimeError):

@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
+from fimcb.core.norms import LayerNorms
 from fimcb.detectors.base import Detector
-from fimcb.engine import LayerNorms
 
 
 class TotalNorm(Detector):

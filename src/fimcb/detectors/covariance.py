@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fimcb.core.norms import LayerNorms
 from fimcb.detectors.gaussian import FIMGaussian
-from fimcb.engine import LayerNorms
 
 
 def ledoit_wolf(x: Tensor, shrinkage: float | None = None) -> tuple[Tensor, float]:

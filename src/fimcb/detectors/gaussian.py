@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import Tensor
 
+from fimcb.core.norms import LayerNorms
 from fimcb.detectors.base import Detector
-from fimcb.engine import LayerNorms
 
 # Layers whose log-norm spreads less than this over the fit set carry no information and are dropped.
 MIN_STD = 1e-6

@@ -15,10 +15,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fimcb.core.norms import LOG_FLOOR, LayerNorms
 from fimcb.detectors.base import Detector
 from fimcb.detectors.gaussian import FIMGaussian
-from fimcb.engine import LayerNorms
-from fimcb.engine.types import LOG_FLOOR
 
 # Below this a regularised incomplete gamma function is replaced by its tail expansion in log space,
 # before it underflows to 0 and ties the most extreme samples.

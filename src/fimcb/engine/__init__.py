@@ -1,13 +1,17 @@
 """Gradient engine: per-sample, per-layer squared norms of log-likelihood gradients."""
 
-from fimcb.engine.api import Engine, eval_mode, grad_enabled, per_sample_gradients, per_sample_layer_norms
-from fimcb.engine.types import LayerNorms
+from fimcb.core.norms import LayerNorms
+from fimcb.engine.api import (
+    Engine,
+    per_sample_gradients,
+    per_sample_layer_norms,
+    trainable_parameters,
+)
 
 __all__ = [
     "Engine",
     "LayerNorms",
-    "eval_mode",
-    "grad_enabled",
     "per_sample_gradients",
     "per_sample_layer_norms",
+    "trainable_parameters",
 ]

@@ -12,14 +12,15 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.metric import Metric, resolve_metric
+from fimcb.core.modes import eval_mode, grad_enabled
+from fimcb.core.norms import LayerNorms
+from fimcb.core.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
 from fimcb.engine.func import func_layer_norms, group_gradients
 from fimcb.engine.hooks import hooks_layer_norms
 from fimcb.engine.loop import loop_layer_norms
 from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
-from fimcb.engine.types import Backend, LayerNorms, NormRequest
-from fimcb.metrics import Metric, resolve_metric
-from fimcb.modes import eval_mode, grad_enabled
-from fimcb.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
+from fimcb.engine.types import Backend, NormRequest
 
 log = logging.getLogger("fimcb")
 

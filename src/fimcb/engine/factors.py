@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fimcb.metrics import Metric
-from fimcb.metrics.base import squared_row_norms
+from fimcb.core.metric import Metric, squared_row_norms
 
 # Materialised per-group gradients are produced this many floats at a time at most.
 MATERIALISE_BUDGET = 1 << 26

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fimcb.core.protocol import LogLikelihoodFn, check_log_likelihood_output
 from fimcb.engine.types import NormRequest
-from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output
 
 
 class _Bound(nn.Module):

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fimcb.core.metric import Identity
+from fimcb.core.protocol import check_log_likelihood_output
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import RULES, Rule, rule_for
 from fimcb.engine.types import NormRequest
-from fimcb.metrics import Identity
-from fimcb.protocol import check_log_likelihood_output
 
 log = logging.getLogger("fimcb")
 

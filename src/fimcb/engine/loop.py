@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fimcb.core.protocol import check_log_likelihood_output
 from fimcb.engine.types import NormRequest
-from fimcb.protocol import check_log_likelihood_output
 
 
 def loop_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,18 +1,18 @@
-"""Approximations of the Fisher information matrix ("metrics") that turn per-sample gradients into norms.
-
-By name (``metric=`` of ``per_sample_layer_norms``, ``evaluate_ood`` and the callback): ``identity``
-(F = I), ``layer_scalar`` (the paper: λ_l·I per layer), ``diagonal`` (diag F + damping), ``kfac``
-(Kronecker factors for Linear and convolution layers) and ``low_rank`` (damping + N reference
-gradients, through Woodbury). The fitted ones estimate F from training data (``fisher="empirical"``)
-or from model samples (``fisher="true"``): see :mod:`fimcb.metrics.fitting`.
+"""Fitted approximations of the Fisher information matrix ("metrics"): the paper's ``layer_scalar``,
+``diagonal``, ``kfac`` (Kronecker factors from the engine's layer rules) and ``low_rank`` (damping + N
+reference gradients, through Woodbury). They estimate F from training data (``fisher="empirical"``)
+or from model samples (``fisher="true"``, :mod:`fimcb.metrics.fitting`) and are registered by name.
+The contract every metric follows, and the ones that need no fit, are in :mod:`fimcb.core.metric`.
 """
 
-from fimcb.metrics.base import METRICS, Diagonal, Identity, Metric, resolve_metric
-from fimcb.metrics.diagonal import FittedDiagonal, FittedMetric, LayerScalar
+from fimcb.core.metric import METRICS, Diagonal, Identity, Metric, register_metric, resolve_metric
+from fimcb.metrics.base import FittedMetric
+from fimcb.metrics.diagonal import FittedDiagonal, LayerScalar
 from fimcb.metrics.kfac import KFAC
 from fimcb.metrics.low_rank import CountSketch, LowRank
 
-METRICS.update({m.name: m for m in (LayerScalar, FittedDiagonal, KFAC, LowRank)})
+for _metric in (LayerScalar, FittedDiagonal, KFAC, LowRank):
+    register_metric(_metric)
 
 __all__ = [
     "KFAC",
@@ -25,5 +25,6 @@ __all__ = [
     "LayerScalar",
     "LowRank",
     "Metric",
+    "register_metric",
     "resolve_metric",
 ]

@@ -1,172 +1,119 @@
-"""The metric interface: how a layer's per-sample gradients become one squared norm per sample.
+"""What every fitted Fisher approximation shares: its options, its fit inputs, its reductions over ranks.
 
-A metric stands for an approximation of the Fisher information matrix F; the engine hands it
-each parameter tensor's per-sample gradients ``[N, *shape]`` and it returns ``s_lᵀ F_l⁻¹ s_l``.
-The same metric gives inner products ``s_aᵀ F_l⁻¹ s_b`` between two sets of samples (influence).
+A fitted metric estimates F from per-sample gradients (:mod:`fimcb.engine`) over Fisher inputs
+(:func:`fimcb.metrics.fitting.fisher_inputs`), sums its statistics over the batches of the fit, and
+reduces them over DDP ranks once at the end, so that a metric fitted in parallel equals one fitted on
+all the data.
+
+Convention for a layer whose gradient is exactly zero on every fitting sample (a parameter the
+likelihood does not depend on there): it has no scale to estimate, so its scale is taken as 1
+(a warning names it) rather than dividing by zero.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from typing import Any
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.checks import check_int
+from fimcb.core.distributed import all_reduce_sum
+from fimcb.core.metric import Metric
+from fimcb.engine import trainable_parameters
+from fimcb.metrics.fitting import check_source, fisher_inputs
 
-class Metric(ABC):
-    """Per-layer squared norm ``s_lᵀ F_l⁻¹ s_l`` of per-sample gradients under an approximation of F.
+T = TypeVar("T")
 
-    Metrics with state estimate it in :meth:`fit` (from training data or model samples, see
-    :mod:`fimcb.metrics.fitting`) and keep it in ``state_dict``; the others need no fit.
+
+def layer_scales(mean_squared_norms: dict[str, Tensor], dims: dict[str, int]) -> dict[str, float]:
+    """Mean diagonal entry ``E||s_l||² / d_l`` of each layer's Fisher block; 1 for layers whose gradient
+    was zero on every fitting sample (see the module docstring), with a warning naming them."""
+    scales = {name: float(m) / dims[name] for name, m in mean_squared_norms.items()}
+    zero = [name for name, s in scales.items() if s == 0.0]
+    if zero:
+        warnings.warn(
+            f"the gradients of {zero} were zero on every Fisher sample; their scale is taken as 1",
+            stacklevel=2,
+        )
+    return {name: s if s > 0 else 1.0 for name, s in scales.items()}
+
+
+def layer_dampings(
+    damping: float, relative: bool, mean_squared_norms: dict[str, Tensor], dims: dict[str, int]
+) -> dict[str, float]:
+    """δ_l per layer: ``damping`` itself, or relative to the layer's mean diagonal Fisher entry."""
+    if not relative:
+        return dict.fromkeys(mean_squared_norms, damping)
+    return {name: damping * s for name, s in layer_scales(mean_squared_norms, dims).items()}
+
+
+def reduced_means(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
+    """``sums / count`` with sums and count added up over DDP ranks in one collective call."""
+    first = next(iter(sums.values()))
+    flat = torch.cat([*(s.reshape(-1) for s in sums.values()), first.new_tensor([count])])
+    flat = all_reduce_sum(flat)
+    total = flat[-1]
+    means, start = {}, 0
+    for name, s in sums.items():
+        means[name] = (flat[start : start + s.numel()] / total).reshape(s.shape)
+        start += s.numel()
+    return means
+
+
+class FittedMetric(Metric):
+    """Options and plumbing shared by metrics estimated from per-sample gradients.
+
+    Args:
+        fisher: ``"empirical"`` (expectation over the ``data`` given to :meth:`fit`) or ``"true"``
+            (over samples drawn from the model with ``model.sample``).
+        n_samples: how many samples to average over.
+        batch_size: batch size of the model samples (the true Fisher); data keeps its own batches.
+        seed: seed of the model samples (and of any other randomness of the metric).
     """
 
-    name: str = "metric"
+    def __init__(self, fisher: str, n_samples: int, batch_size: int, seed: int) -> None:
+        self.fisher = check_source(fisher)
+        self.n_samples = check_int("n_samples", n_samples)
+        self.batch_size = check_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.dims: dict[str, int] | None = None  # parameter sizes d_l by name, once fitted
 
-    def fit(self, model: nn.Module, data: Iterable[Any] | None = None, **options: Any) -> Metric:
-        """Estimate the metric's state for ``model``; a no-op for metrics without state."""
-        return self
+    def options(self) -> dict[str, Any]:
+        """The constructor's keyword arguments, saved in ``state_dict``."""
+        return {
+            "fisher": self.fisher,
+            "n_samples": self.n_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
 
     @property
     def fitted(self) -> bool:
-        """Whether the metric can turn gradients into norms (always, for metrics without state)."""
-        return True
+        return self.dims is not None
 
-    @abstractmethod
-    def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        """Squared norms ``[N]`` of per-sample gradients ``grads`` ``[N, *shape]`` of parameter ``name``."""
+    def _inputs(self, model: nn.Module, data: Iterable[Any] | None) -> Iterator[Tensor]:
+        self.dims = None  # a failed refit must not leave stale state that looks fitted
+        return fisher_inputs(model, data, self.fisher, self.n_samples, self.batch_size, self.seed)
 
-    def inner_products(self, name: str, a: Tensor, b: Tensor) -> Tensor:
-        """``[A, B]`` inner products ``a_iᵀ F_l⁻¹ b_j`` of per-sample gradients ``a`` ``[A, *shape]`` and
-        ``b`` ``[B, *shape]`` of parameter ``name``; the diagonal of ``inner_products(a, a)`` is
-        ``squared_norms(a)``.
+    def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters the engine differentiates (trainable ones), by name."""
+        return trainable_parameters(model)
 
-        This default weights one side and takes one matrix product for a diagonal metric (one whose
-        :meth:`diagonal` gives weights), else polarises :meth:`squared_norms` (exact for any metric,
-        at the cost of two norms per pair); structured metrics override it.
-        """
-        a, b = check_pair(name, a, b)
-        weights = self.diagonal(name)
-        if weights is None:
-            return polarised_inner_products(self, name, a, b)
-        if isinstance(weights, Tensor):
-            weights = weights.to(a.device, a.dtype).flatten()
-        return (a.flatten(start_dim=1) * weights) @ b.flatten(start_dim=1).T
+    def _lookup(self, store: dict[str, T], name: str) -> T:
+        """``store[name]`` with clear errors before fit or for a parameter the metric was not fitted on."""
+        if not self.fitted:
+            raise RuntimeError(f"the {self.name} metric is not fitted: call fit(model, data) before scoring")
+        if name not in store:
+            raise KeyError(
+                f"the {self.name} metric was not fitted on parameter {name!r} (fitted on {sorted(store)})"
+            )
+        return store[name]
 
-    def diagonal(self, name: str) -> Tensor | float | None:
-        """For a diagonal metric, the weights ``1 / F_jj`` of parameter ``name`` (a float when they are
-        all equal), so that engines can skip materialising gradients; ``None`` for other metrics."""
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        """Fitted state, for saving next to a run (empty for metrics that need no fit)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
-        if state:
-            raise ValueError(f"{self.name} has no fitted state, got keys {sorted(state)}")
-
-
-def squared_row_norms(x: Tensor) -> Tensor:
-    """``[N]`` squared Euclidean norm of each row of ``x`` ``[N, ...]``; ``vector_norm`` is one fused
-    pass, many times faster on CPU than squaring into a temporary and summing it."""
-    return torch.linalg.vector_norm(x.flatten(start_dim=1), dim=1).square()
-
-
-def check_pair(name: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """``a`` and ``b`` in their common dtype, after checking that they are batches of gradients of one
-    parameter shape (``[A, *shape]`` and ``[B, *shape]``)."""
-    if a.ndim < 1 or b.ndim < 1 or a.shape[1:] != b.shape[1:]:
-        raise ValueError(
-            f"inner products of {name!r} need gradients [A, *shape] and [B, *shape] of one parameter "
-            f"shape, got {list(a.shape)} and {list(b.shape)}"
-        )
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype), b.to(dtype)
-
-
-# Elements of a, b (each) combined per chunk of pairs by :func:`polarised_inner_products`.
-POLARISATION_CHUNK_ELEMENTS = 1 << 22
-
-
-def polarised_inner_products(
-    metric: Metric, name: str, a: Tensor, b: Tensor, *, chunk_elements: int = POLARISATION_CHUNK_ELEMENTS
-) -> Tensor:
-    """``[A, B]`` inner products from squared norms alone, ``(|a_i + b_j|² − |a_i − b_j|²) / 4``, taking
-    pairs ``(i, j)`` in chunks of about ``chunk_elements`` gradient entries to bound memory."""
-    a, b = check_pair(name, a, b)
-    n_a, n_b = a.shape[0], b.shape[0]
-    out = a.new_empty(n_a * n_b)
-    chunk = max(1, chunk_elements // max(1, a.shape[1:].numel()))
-    for start in range(0, n_a * n_b, chunk):
-        pairs = torch.arange(start, min(start + chunk, n_a * n_b), device=a.device)
-        x, y = a[pairs // n_b], b[pairs % n_b]
-        plus, minus = metric.squared_norms(name, x + y), metric.squared_norms(name, x - y)
-        out[start : start + len(pairs)] = (plus - minus) / 4
-    return out.reshape(n_a, n_b)
-
-
-class Identity(Metric):
-    """F = I: the plain squared L2 norm of each parameter tensor's gradient (the paper's features)."""
-
-    name = "identity"
-
-    def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        return squared_row_norms(grads)
-
-    def diagonal(self, name: str) -> float:
-        return 1.0
-
-
-class Diagonal(Metric):
-    """A given diagonal Fisher: ``Σ_j s_j² / (F_jj + damping)`` per parameter tensor.
-
-    Args:
-        fisher: diagonal of F per parameter name, each shaped like the parameter.
-        damping: added to every diagonal entry (keeps near-zero entries from dominating).
-    """
-
-    name = "given_diagonal"
-
-    def __init__(self, fisher: dict[str, Tensor], damping: float = 1e-8) -> None:
-        if damping < 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
-        self.damping = damping
-        self.weights = {name: 1.0 / (f.detach() + damping) for name, f in fisher.items()}
-        bad = [n for n, w in self.weights.items() if not torch.isfinite(w).all() or (w < 0).any()]
-        if bad:
-            raise ValueError(f"the diagonal Fisher of {bad} has negative or zero entries; raise damping")
-
-    def _weights(self, name: str) -> Tensor:
-        if name not in self.weights:
-            raise KeyError(f"no diagonal Fisher entry for parameter {name!r}")
-        return self.weights[name]
-
-    def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        w = self._weights(name).to(grads.device, grads.dtype)
-        return grads.flatten(start_dim=1).square() @ w.flatten()
-
-    def diagonal(self, name: str) -> Tensor:
-        return self._weights(name)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights, "damping": self.damping}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights, self.damping = state["weights"], state["damping"]
-
-
-METRICS: dict[str, type[Metric]] = {"identity": Identity}
-
-
-def resolve_metric(metric: Metric | str | None) -> Metric:
-    """A metric from an instance, a registered name, or ``None`` (identity)."""
-    if metric is None:
-        return Identity()
-    if isinstance(metric, Metric):
-        return metric
-    if isinstance(metric, str) and metric in METRICS:
-        return METRICS[metric]()
-    raise ValueError(f"unknown metric {metric!r}; use one of {sorted(METRICS)} or a fimcb.metrics.Metric")
+    def _restore_options(self, state: dict[str, Any]) -> None:
+        """Re-validate and adopt the options a state was fitted with (they decide how it scores)."""
+        type(self).__init__(self, **state["options"])

@@ -3,145 +3,21 @@
 - :class:`LayerScalar` (the paper's metric): block ``l`` of F is ``λ_l·I`` with ``λ_l = E||s_l||² / d_l``;
 - :class:`FittedDiagonal`: ``diag(F) = E[s²]`` entry by entry, plus damping.
 
-Both stream sums over the Fisher inputs (:func:`fimcb.metrics.fitting.fisher_inputs`) and reduce them
-over DDP ranks once at the end of :meth:`fit`, so a metric fitted in parallel equals one fitted on all
-the data. ``fimcb.engine`` and ``fimcb.distributed`` import this package, so they are imported lazily.
-
-Convention for a layer whose gradient is exactly zero on every fitting sample (a parameter the
-likelihood does not depend on there): it has no scale to estimate, so its scale is taken as 1
-(a warning names it) rather than dividing by zero.
+Both stream sums over the Fisher inputs and reduce them over DDP ranks (:mod:`fimcb.metrics.base`).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from fimcb.metrics.base import Diagonal, Metric, squared_row_norms
-from fimcb.metrics.fitting import check_source, fisher_inputs
-from fimcb.protocol import LogLikelihoodFn
-
-T = TypeVar("T")
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    """``value`` if it is a positive integer (not a bool), else a clear error naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_positive_float(name: str, value: Any) -> float:
-    """``value`` as a float if it is a positive finite number, else a clear error naming the option."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is a bool (YAML ``true``/``false``), else a clear error naming the option."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def layer_scales(mean_squared_norms: dict[str, Tensor], dims: dict[str, int]) -> dict[str, float]:
-    """Mean diagonal entry ``E||s_l||² / d_l`` of each layer's Fisher block; 1 for layers whose gradient
-    was zero on every fitting sample (see the module docstring), with a warning naming them."""
-    scales = {name: float(m) / dims[name] for name, m in mean_squared_norms.items()}
-    zero = [name for name, s in scales.items() if s == 0.0]
-    if zero:
-        warnings.warn(
-            f"the gradients of {zero} were zero on every Fisher sample; their scale is taken as 1",
-            stacklevel=2,
-        )
-    return {name: s if s > 0 else 1.0 for name, s in scales.items()}
-
-
-def layer_dampings(
-    damping: float, relative: bool, mean_squared_norms: dict[str, Tensor], dims: dict[str, int]
-) -> dict[str, float]:
-    """δ_l per layer: ``damping`` itself, or relative to the layer's mean diagonal Fisher entry."""
-    if not relative:
-        return dict.fromkeys(mean_squared_norms, damping)
-    return {name: damping * s for name, s in layer_scales(mean_squared_norms, dims).items()}
-
-
-def reduced_means(sums: dict[str, Tensor], count: int) -> dict[str, Tensor]:
-    """``sums / count`` with sums and count added up over DDP ranks in one collective call."""
-    from fimcb.distributed import all_reduce_sum
-
-    first = next(iter(sums.values()))
-    flat = torch.cat([*(s.reshape(-1) for s in sums.values()), first.new_tensor([count])])
-    flat = all_reduce_sum(flat)
-    total = flat[-1]
-    means, start = {}, 0
-    for name, s in sums.items():
-        means[name] = (flat[start : start + s.numel()] / total).reshape(s.shape)
-        start += s.numel()
-    return means
-
-
-class FittedMetric(Metric):
-    """Options and plumbing shared by metrics estimated from per-sample gradients.
-
-    Args:
-        fisher: ``"empirical"`` (expectation over the ``data`` given to :meth:`fit`) or ``"true"``
-            (over samples drawn from the model with ``model.sample``).
-        n_samples: how many samples to average over.
-        batch_size: batch size of the model samples (the true Fisher); data keeps its own batches.
-        seed: seed of the model samples (and of any other randomness of the metric).
-    """
-
-    def __init__(self, fisher: str, n_samples: int, batch_size: int, seed: int) -> None:
-        self.fisher = check_source(fisher)
-        self.n_samples = check_positive_int("n_samples", n_samples)
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        self.seed = seed
-        self.dims: dict[str, int] | None = None  # parameter sizes d_l by name, once fitted
-
-    def options(self) -> dict[str, Any]:
-        """The constructor's keyword arguments, saved in ``state_dict``."""
-        return {
-            "fisher": self.fisher,
-            "n_samples": self.n_samples,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-        }
-
-    @property
-    def fitted(self) -> bool:
-        return self.dims is not None
-
-    def _inputs(self, model: nn.Module, data: Iterable[Any] | None) -> Iterator[Tensor]:
-        self.dims = None  # a failed refit must not leave stale state that looks fitted
-        return fisher_inputs(model, data, self.fisher, self.n_samples, self.batch_size, self.seed)
-
-    def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """The parameters the engine differentiates (trainable ones), by name."""
-        from fimcb.engine.api import trainable_parameters
-
-        return trainable_parameters(model)
-
-    def _lookup(self, store: dict[str, T], name: str) -> T:
-        """``store[name]`` with clear errors before fit or for a parameter the metric was not fitted on."""
-        if not self.fitted:
-            raise RuntimeError(f"the {self.name} metric is not fitted: call fit(model, data) before scoring")
-        if name not in store:
-            raise KeyError(
-                f"the {self.name} metric was not fitted on parameter {name!r} (fitted on {sorted(store)})"
-            )
-        return store[name]
-
-    def _restore_options(self, state: dict[str, Any]) -> None:
-        """Re-validate and adopt the options a state was fitted with (they decide how it scores)."""
-        type(self).__init__(self, **state["options"])
+from fimcb.core.checks import check_bool, check_positive_float
+from fimcb.core.metric import Diagonal, squared_row_norms
+from fimcb.core.protocol import LogLikelihoodFn
+from fimcb.engine import per_sample_gradients, per_sample_layer_norms
+from fimcb.metrics.base import FittedMetric, layer_dampings, layer_scales, reduced_means
 
 
 class LayerScalar(FittedMetric):
@@ -165,8 +41,6 @@ class LayerScalar(FittedMetric):
         data: Iterable[Any] | None = None,
         log_likelihood: LogLikelihoodFn | None = None,
     ) -> LayerScalar:
-        from fimcb.engine import per_sample_layer_norms
-
         sums: Tensor | None = None
         count = 0
         for x in self._inputs(model, data):
@@ -232,8 +106,6 @@ class FittedDiagonal(FittedMetric):
         data: Iterable[Any] | None = None,
         log_likelihood: LogLikelihoodFn | None = None,
     ) -> FittedDiagonal:
-        from fimcb.engine import per_sample_gradients
-
         sums: dict[str, Tensor] = {}
         count = 0
         for x in self._inputs(model, data):

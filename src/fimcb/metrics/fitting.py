@@ -14,8 +14,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from fimcb.modes import eval_mode
-from fimcb.protocol import unpack_batch
+from fimcb.core.modes import eval_mode
+from fimcb.core.protocol import unpack_batch
 
 FisherSource = Literal["empirical", "true"]
 

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.metrics.base import check_pair, squared_row_norms
-from fimcb.metrics.diagonal import FittedMetric, check_positive_float, layer_scales, reduced_means
-from fimcb.modes import eval_mode, grad_enabled
-from fimcb.protocol import LogLikelihoodFn, check_log_likelihood_output, resolve_log_likelihood
+from fimcb.core.checks import check_positive_float
+from fimcb.core.metric import check_pair, squared_row_norms
+from fimcb.core.modes import eval_mode, grad_enabled
+from fimcb.core.protocol import LogLikelihoodFn, check_log_likelihood_output, resolve_log_likelihood
+from fimcb.engine import per_sample_layer_norms
+from fimcb.metrics.base import FittedMetric, layer_scales, reduced_means
 
 log = logging.getLogger("fimcb")
 
@@ -230,8 +232,6 @@ class KFAC(FittedMetric):
         hooked layers' outputs gives every sample's own output gradients. Sums over batches are
         reduced over DDP ranks at the end, so a fit split across ranks equals one on all the data.
         """
-        from fimcb.engine import per_sample_layer_norms
-
         inputs = self._inputs(model, data)
         ll_fn = resolve_log_likelihood(model, log_likelihood)
         params = self._parameters(model)

@@ -32,16 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fimcb.distributed import broadcast_from_zero
-from fimcb.metrics.base import check_pair, squared_row_norms
-from fimcb.metrics.diagonal import (
-    FittedMetric,
-    check_bool,
-    check_positive_float,
-    check_positive_int,
-    layer_dampings,
-)
-from fimcb.protocol import LogLikelihoodFn
+from fimcb.core.checks import check_bool, check_int, check_positive_float
+from fimcb.core.distributed import broadcast_from_zero
+from fimcb.core.metric import check_pair, squared_row_norms
+from fimcb.core.protocol import LogLikelihoodFn
+from fimcb.engine import per_sample_gradients, per_sample_layer_norms
+from fimcb.metrics.base import FittedMetric, layer_dampings
 
 # Largest (sketched) layer size for which ``online=True`` keeps a dense m×m inverse (128 MiB in float64).
 ONLINE_MAX_DIM = 4096
@@ -160,11 +156,11 @@ class LowRank(FittedMetric):
         seed: int = 0,
         batch_size: int = 64,
     ) -> None:
-        super().__init__(fisher, check_positive_int("n_reference", n_reference), batch_size, seed)
+        super().__init__(fisher, check_int("n_reference", n_reference), batch_size, seed)
         self.damping = check_positive_float("damping", damping)
         self.relative_damping = check_bool("relative_damping", relative_damping)
         self.projection_dim = (
-            None if projection_dim is None else check_positive_int("projection_dim", projection_dim)
+            None if projection_dim is None else check_int("projection_dim", projection_dim)
         )
         self.online = check_bool("online", online)
         self.layers: dict[str, _Layer] = {}
@@ -205,8 +201,6 @@ class LowRank(FittedMetric):
         sketches: dict[str, CountSketch | None],
     ) -> dict[str, _Layer]:
         """One pass: keep the (sketched) references, then factor ``NδI + K`` per layer."""
-        from fimcb.engine import per_sample_gradients
-
         refs: dict[str, list[Tensor]] = {name: [] for name in params}
         totals = {n: torch.zeros((), dtype=torch.float64, device=p.device) for n, p in params.items()}
         count = 0
@@ -228,8 +222,6 @@ class LowRank(FittedMetric):
         sketches: dict[str, CountSketch | None],
     ) -> dict[str, _Layer]:
         """Two passes: squared norms (N and δ_l, cheap), then Sherman–Morrison updates per reference."""
-        from fimcb.engine import per_sample_gradients, per_sample_layer_norms
-
         dims = {n: p.numel() if sketches[n] is None else sketches[n].dim for n, p in params.items()}
         too_big = {n: d for n, d in dims.items() if d > ONLINE_MAX_DIM}
         if too_big:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from fimcb.dashboards import log_image
-from fimcb.protocol import unpack_batch
+from fimcb.core.protocol import unpack_batch
+from fimcb.lightning.dashboards import log_image
 
 
 class LikelihoodModule(L.LightningModule):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.distributed import all_reduce_sum
+from fimcb.core.distributed import all_reduce_sum
 from fimcb.engine.factors import Dense, Factor
 from fimcb.engine.rules import Rule, register_rule
 from fimcb.models.base import ImageLikelihoodModel

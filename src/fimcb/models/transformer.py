@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fimcb.dashboards import log_text
+from fimcb.core.protocol import unpack_batch
+from fimcb.lightning.dashboards import log_text
 from fimcb.models.base import LikelihoodModule
-from fimcb.protocol import unpack_batch
 
 
 class CausalSelfAttention(nn.Module):

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
+from fimcb.core.metric import Identity
 from fimcb.engine.factors import Dense, Factor, OuterSum
 from fimcb.engine.rules import Rule, register_rule
-from fimcb.metrics import Identity
 
 
 def _options(module: nn.Module) -> dict[str, tuple[int, ...]]:

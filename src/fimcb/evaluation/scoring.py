@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
-from fimcb.distributed import rank_and_world, score_sharded
-from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
-from fimcb.metrics import Metric
-from fimcb.protocol import LogLikelihoodFn, unpack_batch
+from fimcb.core.distributed import rank_and_world, score_sharded
+from fimcb.core.metric import Metric
+from fimcb.core.norms import LayerNorms
+from fimcb.core.protocol import LogLikelihoodFn, unpack_batch
+from fimcb.engine import Engine, per_sample_layer_norms
 
 # Batch size of the per-rank loaders when the original loader has none (it used a batch sampler).
 DEFAULT_BATCH_SIZE = 256
@@ -66,7 +67,7 @@ def layer_norms_over(
 
     Inside an initialised ``torch.distributed`` process group (every rank must call this), a
     DataLoader over a map-style dataset is split by groups across the ranks and the rows are
-    gathered back in order (see :mod:`fimcb.distributed`): every rank returns the single-process
+    gathered back in order (see :mod:`fimcb.core.distributed`): every rank returns the single-process
     result. Other iterables are scored whole on every rank.
     """
     dataset = getattr(loader, "dataset", None)

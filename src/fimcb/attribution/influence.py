@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.checks import check_int
+from fimcb.core.metric import Metric, resolve_metric
+from fimcb.core.protocol import LogLikelihoodFn, unpack_batch
 from fimcb.engine import per_sample_gradients
-from fimcb.metrics import Metric, resolve_metric
-from fimcb.metrics.diagonal import check_positive_int
-from fimcb.protocol import LogLikelihoodFn, unpack_batch
 
 
 def influence(
@@ -57,7 +57,7 @@ def influence(
             f"the {metric.name} metric is not fitted: call metric.fit(model, data) before influence()"
         )
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     gradients = partial(per_sample_gradients, model, log_likelihood=log_likelihood, chunk_size=chunk_size)
     q_grads = _concatenated(gradients(_checked(queries, "queries")))
     columns, data_norms = [], []

@@ -14,19 +14,19 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from fimcb.engine.api import default_chunk_size, trainable_parameters
-from fimcb.engine.func import group_gradients
-from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
-from fimcb.engine.types import NormRequest
-from fimcb.metrics import Metric, resolve_metric
-from fimcb.metrics.diagonal import check_positive_int
-from fimcb.modes import eval_mode, grad_enabled
-from fimcb.protocol import (
+from fimcb.core.checks import check_int
+from fimcb.core.metric import Metric, resolve_metric
+from fimcb.core.modes import eval_mode, grad_enabled
+from fimcb.core.protocol import (
     LogLikelihoodFn,
     ModelProtocolError,
     check_log_likelihood_output,
     resolve_log_likelihood,
 )
+from fimcb.engine.api import default_chunk_size, trainable_parameters
+from fimcb.engine.func import group_gradients
+from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
+from fimcb.engine.types import NormRequest
 
 log = logging.getLogger("fimcb")
 
@@ -63,7 +63,7 @@ def input_saliency(
         raise ValueError(f"engine must be one of {get_args(SaliencyEngine)}, got {engine!r}")
     _check_input(x)
     if chunk_size is not None:
-        check_positive_int("chunk_size", chunk_size)
+        check_int("chunk_size", chunk_size)
     resolved = resolve_metric(metric)
     if not resolved.fitted:
         raise RuntimeError(

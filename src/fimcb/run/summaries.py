@@ -6,8 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fimcb.engine import LayerNorms
-from fimcb.engine.types import log_norms
+from fimcb.core.norms import LayerNorms, log_norms
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 

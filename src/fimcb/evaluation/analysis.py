@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fimcb.engine import LayerNorms
-from fimcb.evaluation import ood_metrics
+from fimcb.core.norms import LayerNorms
+from fimcb.evaluation.ood import ood_metrics
 
 
 @dataclass(frozen=True)

@@ -26,20 +26,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from fimcb.dashboards import Dashboard, dashboards
+from fimcb.core.distributed import score_sharded
+from fimcb.core.metric import Metric, resolve_metric
+from fimcb.core.norms import LayerNorms, log_norms
+from fimcb.core.protocol import resolve_log_likelihood, unpack_batch
 from fimcb.detectors import Detector, build_detector
-from fimcb.distributed import score_sharded
-from fimcb.engine import Engine, LayerNorms, per_sample_layer_norms
-from fimcb.engine.types import log_norms
-from fimcb.evaluation import OODResult, ood_evaluation
-from fimcb.figures import RunArtifacts, load_run, roc_curves_of, run_figures, write_figures
-from fimcb.history import HistoryWriter, trajectory_rows
-from fimcb.metrics import Metric, resolve_metric
-from fimcb.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
-from fimcb.novel_samples import collect_novel_samples, save_novel_samples
-from fimcb.protocol import resolve_log_likelihood, unpack_batch
-from fimcb.scoring import ScoringOptions
-from fimcb.tracking import DEFAULT_QUANTILES, summarize
+from fimcb.engine import Engine, per_sample_layer_norms
+from fimcb.evaluation.ood import OODResult, ood_evaluation
+from fimcb.evaluation.scoring import ScoringOptions
+from fimcb.lightning.dashboards import Dashboard, dashboards
+from fimcb.run.history import HistoryWriter, trajectory_rows
+from fimcb.run.summaries import DEFAULT_QUANTILES, summarize
+from fimcb.viz.figures import RunArtifacts, load_run, roc_curves_of, run_figures, write_figures
+from fimcb.viz.novel_samples import FILE_NAME as NOVEL_SAMPLES_FILE
+from fimcb.viz.novel_samples import collect_novel_samples, save_novel_samples
 
 T = TypeVar("T")
 
@@ -73,8 +73,8 @@ class FIMNormCallback(Callback):
         seed: seed of the probe selection (a private generator: training's RNG is untouched).
         output_file: name of the metrics JSON written into the run's log directory.
         history: append every tracking event's per-sample rows (sample id, split, step, epoch,
-            per-layer norms, log-likelihood) to ``<log_dir>/history/`` (:mod:`fimcb.history`;
-            ``fimcb.history.load_history`` reads them back).
+            per-layer norms, log-likelihood) to ``<log_dir>/history/`` (:mod:`fimcb.run.history`;
+            ``fimcb.run.history.load_history`` reads them back).
         history_flush_rows: rows kept in memory before they are written (and at each checkpoint).
         progress: show a progress bar during the end-of-training scoring passes (Lightning's own
             ``Tqdm``, under the trainer's bars; none when the trainer has no progress bar).
@@ -84,10 +84,10 @@ class FIMNormCallback(Callback):
             TensorBoard) and, at the end of training, write ``novel_samples.pt`` (after an evaluation)
             and ``figures/*.png`` into the run directory and log those figures and the probe trajectories.
         n_novel: how many most (and least) novel samples per set to show, with saliency heat maps.
-        saliency: add double-backprop heat maps (:func:`fimcb.saliency.input_saliency`) to the most
-            novel samples of image data.
+        saliency: add double-backprop heat maps (:func:`fimcb.attribution.saliency.input_saliency`) to
+            the most novel samples of image data.
         influence_samples: training samples searched for the largest influence on the most novel
-            samples (:func:`fimcb.influence.influence`); 0 disables it.
+            samples (:func:`fimcb.attribution.influence.influence`); 0 disables it.
         novelty_method: the detector that ranks samples for the pictures (default: the first FIM-norm
             detector of ``methods``).
     """

@@ -1,6 +1,6 @@
 """A one-page report of a finished run, and the ``fimcb`` command line (``fimcb report RUN_DIR``).
 
-The report gathers what the run directory holds (see :mod:`fimcb.figures`): the model and data
+The report gathers what the run directory holds (see :mod:`fimcb.viz.figures`): the model and data
 classes from ``config.yaml``, the OOD metrics as a table with the best value per OOD set in bold,
 every figure the artifacts allow, the most novel samples and the influence queries, and a note for
 each missing artifact saying what it would have added. Markdown writes the PNGs beside the report;
@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from fimcb.evaluation import METRIC_NAMES, Metrics
-from fimcb.figures import (
+from fimcb.evaluation.ood import METRIC_NAMES, Metrics
+from fimcb.viz.figures import (
     HISTORY,
     METRICS_CSV,
     NOVEL_SAMPLES,

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fimcb.engine import LayerNorms
-from fimcb.engine.types import log_norms
+from fimcb.core.norms import LayerNorms, log_norms
 
 PART_GLOB = "part-*.pt"
 

@@ -30,9 +30,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_roc
 
-from fimcb.engine.types import log_norms
-from fimcb.evaluation import Metrics, load_scores, ood_metrics, to_unit_interval
-from fimcb.history import PART_GLOB, History, load_history
+from fimcb.core.norms import log_norms
+from fimcb.evaluation.ood import Metrics, load_scores, ood_metrics, to_unit_interval
+from fimcb.run.history import PART_GLOB, History, load_history
 
 #: Artifact names of a run directory, as :attr:`RunArtifacts.missing` lists them.
 HISTORY, OOD_METRICS, OOD_SCORES, NOVEL_SAMPLES, METRICS_CSV = (

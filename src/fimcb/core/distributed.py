@@ -11,14 +11,13 @@ result, on every rank. Without an initialised process group everything runs loca
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-if TYPE_CHECKING:  # fimcb.engine imports the metrics, which import this module: no cycle at run time
-    from fimcb.engine import LayerNorms
+from fimcb.core.norms import LayerNorms
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -74,8 +73,6 @@ def _all_gather(x: Tensor) -> Tensor:
 def gather_rows(local: LayerNorms, units: list[int], n_units: int) -> LayerNorms:
     """All ranks' rows in unit order, identical on every rank; ``local`` holds this rank's rows for
     :func:`shard_units` (row ``i`` is unit ``units[i]``), and the wrap-around padding rows are dropped."""
-    from fimcb.engine import LayerNorms
-
     rank, world_size = rank_and_world()
     if units != shard_units(n_units, rank, world_size):
         raise ValueError("gather_rows expects the rows of shard_units(n_units, rank, world_size)")

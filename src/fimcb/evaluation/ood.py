@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
+from fimcb.core.metric import Metric, resolve_metric
+from fimcb.core.norms import LayerNorms
+from fimcb.core.protocol import unpack_batch
 from fimcb.detectors import DEFAULT_METHODS, Detector, build_detector
-from fimcb.engine import LayerNorms
-from fimcb.metrics import Metric, resolve_metric
-from fimcb.protocol import unpack_batch
-from fimcb.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
+from fimcb.evaluation.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
 
 METRIC_NAMES: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
 Metrics = dict[str, dict[str, dict[str, float]]]
@@ -193,7 +193,7 @@ def evaluate_ood(
     ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out
     in-distribution data), then ``test_loader`` (in-distribution) is compared with each OOD set.
     Metrics: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, OOD = positive class.
-    ``options`` are the fields of :class:`~fimcb.scoring.ScoringOptions`: ``group_size``,
+    ``options`` are the fields of :class:`~fimcb.evaluation.scoring.ScoringOptions`: ``group_size``,
     ``engine``, ``metric``, ``log_likelihood``, ``chunk_size``, ``max_samples``, ``progress``; a
     metric that needs fitting is fitted on ``metric_data`` (else ``fit_loader``) first.
     """

@@ -3,9 +3,10 @@
 After :func:`fimcb.evaluation.ood_evaluation`, :func:`collect_novel_samples` picks, per evaluated set
 (``test`` and each OOD set), the samples a detector ranks most and least novel, fetches their inputs
 back from the loaders, adds a double-backprop heat map for the most novel images
-(:func:`fimcb.saliency.input_saliency`) and, for a few of them, the training samples of largest
-influence ``s_aᵀ F⁻¹ s_b`` (:func:`fimcb.influence.influence`). The result is a dict of plain tensors,
-lists and strings (``novel_samples.pt`` in a run directory) for :mod:`fimcb.figures` and the report.
+(:func:`fimcb.attribution.saliency.input_saliency`) and, for a few of them, the training samples of
+largest influence ``s_aᵀ F⁻¹ s_b`` (:func:`fimcb.attribution.influence.influence`). The result is a dict
+of plain tensors, lists and strings (``novel_samples.pt`` in a run directory) for
+:mod:`fimcb.viz.figures` and the report.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fimcb.attribution.influence import influence, top_influences
+from fimcb.attribution.saliency import input_saliency, saliency_map
+from fimcb.core.metric import Metric
+from fimcb.core.protocol import unpack_batch
 from fimcb.detectors import BASELINE_METHODS
-from fimcb.evaluation import OODResult, torch_save
-from fimcb.influence import influence, top_influences
-from fimcb.metrics import Metric
-from fimcb.protocol import unpack_batch
-from fimcb.saliency import input_saliency, saliency_map
+from fimcb.evaluation.ood import OODResult, torch_save
 
 FILE_NAME = "novel_samples.pt"
 
@@ -71,7 +72,7 @@ def collect_novel_samples(
     n_influence: int = 6,
 ) -> dict[str, Any]:
     """Per set of ``result`` (``test`` and each OOD set, with their ``loaders``), the ``k`` most and
-    least novel samples under ``method``, in the ``novel_samples.pt`` layout (:mod:`fimcb.figures`).
+    least novel samples under ``method``, in the ``novel_samples.pt`` layout (:mod:`fimcb.viz.figures`).
 
     ``index`` holds sample ids (the scored rows' ids, else stream positions). With groups
     (``group_size`` k > 1) a row stands for k consecutive samples; its first one is shown. Images of the
