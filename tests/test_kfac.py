@@ -302,8 +302,8 @@ def test_fallback_is_layer_scalar_and_diagonal() -> None:
     grads = reference(model, [x], {}).grads
     lam = {n: float(grads[n].pow(2).sum(1).mean()) / 3 for n in ("gate.log_gain", "gate.shift")}
     assert kfac.layer_scalars == pytest.approx(lam)
-    assert kfac.diagonal("gate.shift") == pytest.approx(1 / lam["gate.shift"])
-    assert kfac.diagonal("inp.weight") is None
+    assert kfac.inverse_diagonal("gate.shift") == pytest.approx(1 / lam["gate.shift"])
+    assert kfac.inverse_diagonal("inp.weight") is None
     for engine in ENGINES:
         got = per_sample_layer_norms(model, x, metric=kfac, engine=engine)
         for name, value in lam.items():

@@ -101,7 +101,7 @@ def test_layer_scalar_matches_dense(engine: str) -> None:
     for n, s in tests.items():
         lam = refs[n].square().sum(1).mean() / s.shape[1]
         expected.append(_quadratic(lam * torch.eye(s.shape[1], dtype=torch.float64), s))
-        assert metric.diagonal(n) == pytest.approx(1 / float(lam))
+        assert metric.inverse_diagonal(n) == pytest.approx(1 / float(lam))
     torch.testing.assert_close(_scores(model, test_x, metric, engine), torch.stack(expected, 1))
 
 
@@ -117,7 +117,7 @@ def test_fitted_diagonal_matches_dense(engine: str, relative: bool) -> None:
         diag = refs[n].square().mean(0)
         delta = 0.05 * diag.mean() if relative else 0.05
         expected.append(_quadratic(torch.diag(diag + delta), s))
-        torch.testing.assert_close(metric.diagonal(n).flatten(), 1 / (diag + delta))
+        torch.testing.assert_close(metric.inverse_diagonal(n).flatten(), 1 / (diag + delta))
     torch.testing.assert_close(_scores(model, test_x, metric, engine), torch.stack(expected, 1))
 
 
@@ -296,7 +296,7 @@ def test_zero_gradient_layer_gets_unit_scale() -> None:
     batches, _, test_x = _data()
     with pytest.warns(UserWarning, match="unused"):
         metric = LayerScalar().fit(model, batches)
-    assert metric.diagonal("unused") == 1.0
+    assert metric.inverse_diagonal("unused") == 1.0
     with pytest.warns(UserWarning, match="unused"):
         low_rank = LowRank().fit(model, batches)
     assert torch.isfinite(_scores(model, test_x, low_rank, "loop")).all()

@@ -23,8 +23,8 @@ from fimcb.core.protocol import (
     check_log_likelihood_output,
     resolve_log_likelihood,
 )
-from fimcb.engine.api import default_chunk_size, trainable_parameters
-from fimcb.engine.func import group_gradients
+from fimcb.engine.api import trainable_parameters
+from fimcb.engine.func import default_chunk_size, group_gradients
 from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
 from fimcb.engine.types import NormRequest
 

@@ -43,18 +43,18 @@ class Metric(ABC):
         ``squared_norms(a)``.
 
         This default weights one side and takes one matrix product for a diagonal metric (one whose
-        :meth:`diagonal` gives weights), else polarises :meth:`squared_norms` (exact for any metric,
+        :meth:`inverse_diagonal` gives weights), else polarises :meth:`squared_norms` (exact for any metric,
         at the cost of two norms per pair); structured metrics override it.
         """
         a, b = check_pair(name, a, b)
-        weights = self.diagonal(name)
+        weights = self.inverse_diagonal(name)
         if weights is None:
             return polarised_inner_products(self, name, a, b)
         if isinstance(weights, Tensor):
             weights = weights.to(a.device, a.dtype).flatten()
-        return (a.flatten(start_dim=1) * weights) @ b.flatten(start_dim=1).T
+        return (as_rows(a) * weights) @ as_rows(b).T
 
-    def diagonal(self, name: str) -> Tensor | float | None:
+    def inverse_diagonal(self, name: str) -> Tensor | float | None:
         """For a diagonal metric, the weights ``1 / F_jj`` of parameter ``name`` (a float when they are
         all equal), so that engines can skip materialising gradients; ``None`` for other metrics."""
         return None
@@ -69,10 +69,16 @@ class Metric(ABC):
             raise ValueError(f"{self.name} has no fitted state, got keys {sorted(state)}")
 
 
+def as_rows(x: Tensor) -> Tensor:
+    """``[N, d]``: each of the N per-sample gradients ``x`` ``[N, *shape]`` flattened into a row (a 0-dim
+    parameter's gradients ``[N]`` become ``[N, 1]``)."""
+    return x.flatten(start_dim=1) if x.ndim > 1 else x.unsqueeze(1)
+
+
 def squared_row_norms(x: Tensor) -> Tensor:
     """``[N]`` squared Euclidean norm of each row of ``x`` ``[N, ...]``; ``vector_norm`` is one fused
     pass, many times faster on CPU than squaring into a temporary and summing it."""
-    return torch.linalg.vector_norm(x.flatten(start_dim=1), dim=1).square()
+    return torch.linalg.vector_norm(as_rows(x), dim=1).square()
 
 
 def check_pair(name: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,7 +122,7 @@ class Identity(Metric):
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         return squared_row_norms(grads)
 
-    def diagonal(self, name: str) -> float:
+    def inverse_diagonal(self, name: str) -> float:
         return 1.0
 
 
@@ -146,9 +152,9 @@ class Diagonal(Metric):
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         w = self._weights(name).to(grads.device, grads.dtype)
-        return grads.flatten(start_dim=1).square() @ w.flatten()
+        return as_rows(grads).square() @ w.flatten()
 
-    def diagonal(self, name: str) -> Tensor:
+    def inverse_diagonal(self, name: str) -> Tensor:
         return self._weights(name)
 
     def state_dict(self) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.checks import check_int
 from fimcb.core.metric import Metric, resolve_metric
 from fimcb.core.modes import eval_mode, grad_enabled
 from fimcb.core.norms import LayerNorms
 from fimcb.core.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
-from fimcb.engine.func import func_layer_norms, group_gradients
-from fimcb.engine.hooks import hooks_layer_norms
+from fimcb.engine.capture import Capture, capture
+from fimcb.engine.func import default_chunk_size, func_layer_norms
 from fimcb.engine.loop import loop_layer_norms
 from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
 from fimcb.engine.types import Backend, NormRequest
@@ -25,18 +26,27 @@ from fimcb.engine.types import Backend, NormRequest
 log = logging.getLogger("fimcb")
 
 Engine = Literal["auto", "hooks", "func", "loop"]
+
+
+def hooks_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
+    """Same contract as :func:`fimcb.engine.func.func_layer_norms`, by one batched capture."""
+    n_groups, k = groups.shape[:2]
+    captured = capture(request, groups.flatten(0, 1))
+    norms = []
+    for name, p in request.params.items():
+        factor = captured.factors[name].groups(k) if k > 1 else captured.factors[name]
+        norms.append(factor.squared_norms(name, request.metric, p.shape))
+    return torch.stack(norms, dim=1).detach(), captured.log_likelihood.reshape(n_groups, k).sum(1)
+
+
+#: The backends by name; ``auto`` times the first two on a model's first batch and keeps the faster,
+#: and uses the loop only when neither can run the model.
 BACKENDS: dict[str, Backend] = {
     "hooks": hooks_layer_norms,
     "func": func_layer_norms,
     "loop": loop_layer_norms,
 }
-# "auto" times the exact backends among these on its first batch for a model and keeps the
-# fastest; the last one (the loop) is used only when the others cannot handle the model.
 AUTO_ORDER: tuple[str, ...] = ("hooks", "func", "loop")
-
-# Memory per chunk of groups that a backend may give to per-sample gradients (grads + workspace).
-DEFAULT_MEMORY_BUDGET = 1 << 30
-MAX_CHUNK = 128
 
 # The backend "auto" settled on for each model it has seen.
 _AUTO_CHOICE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
@@ -50,13 +60,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             f"{type(model).__name__} has no parameter that requires grad: nothing to score"
         )
     return params
-
-
-def default_chunk_size(params: dict[str, nn.Parameter]) -> int:
-    """Groups per vmap call such that per-group gradients stay within ``DEFAULT_MEMORY_BUDGET``."""
-    n_floats = sum(p.numel() for p in params.values())
-    per_group = 4 * n_floats * next(iter(params.values())).element_size()
-    return max(1, min(MAX_CHUNK, DEFAULT_MEMORY_BUDGET // per_group))
 
 
 def per_sample_layer_norms(
@@ -78,11 +81,12 @@ def per_sample_layer_norms(
         log_likelihood: overrides ``model.log_likelihood``; must compute through ``model``.
         group_size: k; row g is the gradient of the summed log-likelihood of samples
             ``g*k .. g*k+k-1``. A remainder of ``B % k`` samples is dropped with a warning.
-        engine: ``"hooks"`` (one batched backward, per-layer rules, module-local ``torch.func``
-            for layers without a rule), ``"func"`` (``torch.func`` vmap over the whole model),
-            ``"loop"`` (one backward per group) or ``"auto"`` (on the first batch of a model,
-            times ``hooks`` and ``func`` and keeps the faster; the loop only when neither works).
-        chunk_size: groups per vmap call (default: sized from the parameter count).
+        engine: ``"hooks"`` (one batched backward; per-layer rules, op rules for parameters used outside
+            modules, local ``torch.func`` for the rest, see :mod:`fimcb.engine.capture`), ``"func"``
+            (``torch.func`` vmap over the whole model), ``"loop"`` (one backward per group) or
+            ``"auto"`` (on the first batch of a model, times ``hooks`` and ``func`` and keeps the
+            faster; the loop only when neither works).
+        chunk_size: groups per call of a backend (default: sized from the parameter count).
 
     Runs the model in eval mode (restored afterwards), never writes ``.grad`` and works
     inside ``torch.no_grad``/``inference_mode``.
@@ -91,8 +95,7 @@ def per_sample_layer_norms(
         raise ValueError(f"engine must be one of {get_args(Engine)}, got {engine!r}")
     if not isinstance(x, Tensor) or x.ndim < 1:
         raise ValueError(f"x must be a batched tensor [B, ...], got {type(x).__name__}")
-    if group_size < 1:
-        raise ValueError(f"group_size must be a positive integer, got {group_size}")
+    check_int("group_size", group_size)
     n_groups = x.shape[0] // group_size
     if n_groups == 0:
         raise ValueError(f"a batch of {x.shape[0]} samples holds no group of {group_size}")
@@ -116,6 +119,18 @@ def per_sample_layer_norms(
     return LayerNorms(values=values.detach(), names=tuple(params), log_likelihood=ll.detach())
 
 
+def capture_factors(model: nn.Module, x: Tensor, *, log_likelihood: LogLikelihoodFn | None = None) -> Capture:
+    """Per-sample gradient factors of every trainable parameter for the batch ``x`` (hooks backend):
+    what the layer rules capture, for metrics that need more than norms (K-FAC's Kronecker statistics).
+    Same conventions as :func:`per_sample_layer_norms`."""
+    params = trainable_parameters(model)
+    request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(None))
+    device = next(iter(params.values())).device
+    with eval_mode(model), grad_enabled():
+        check_samples_independent(model)
+        return capture(request, (x.clone() if x.is_inference() else x).to(device))
+
+
 def per_sample_gradients(
     model: nn.Module,
     x: Tensor,
@@ -127,19 +142,20 @@ def per_sample_gradients(
     ``({name: [n, *param.shape]}, log_likelihood [n])`` for consecutive chunks of ``x``.
 
     For fitting Fisher approximations (:mod:`fimcb.metrics`), which need the gradients themselves,
-    not only their norms. Same conventions as :func:`per_sample_layer_norms` (eval mode, trainable
-    parameters only, ``.grad`` untouched); chunks bound the memory of the materialised gradients.
+    not only their norms: the hooks backend's factors, materialised. Same conventions as
+    :func:`per_sample_layer_norms`; chunks bound the memory of the materialised gradients.
     """
     params = trainable_parameters(model)
-    request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(None))
     chunk = chunk_size or default_chunk_size(params)
-    device = next(iter(params.values())).device
-    with eval_mode(model), grad_enabled():
-        xs = x.clone() if x.is_inference() else x
-        for start in range(0, xs.shape[0], chunk):
-            groups = xs[start : start + chunk].to(device).unsqueeze(1)
-            grads, ll = group_gradients(request, groups)
-            yield {n: g.detach() for n, g in grads.items()}, ll
+    for start in range(0, x.shape[0], chunk):
+        captured = capture_factors(model, x[start : start + chunk], log_likelihood=log_likelihood)
+        yield (
+            {
+                n: f.dense(slice(None)).reshape(-1, *params[n].shape).detach()
+                for n, f in captured.factors.items()
+            },
+            captured.log_likelihood,
+        )
 
 
 def _run(engine: Engine, request: NormRequest, groups: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

@@ -1,19 +1,25 @@
 """Per-group gradients of one parameter in factored form, and their squared norms.
 
-A rule turns a layer's captured input activations and output gradients into one of these:
-- :class:`OuterSum` — ``G_g = Σ_t u_t v_tᵀ`` (Linear, convolutions after unfolding): its squared
-  norm is either the "ghost norm" ``⟨U Uᵀ, V Vᵀ⟩`` (cost ∝ T²) or ``||Uᵀ V||²`` after
-  materialising (cost ∝ T·p·q), whichever is cheaper for the shapes;
+A rule turns what it captured of a layer (inputs, output gradients) into one of these:
+- :class:`OuterSum` — ``G_g = Σ_t u_t v_tᵀ`` (Linear, convolutions after unfolding, ``x @ W``): its
+  squared norm is either the "ghost norm" ``⟨U Uᵀ, V Vᵀ⟩`` (cost ∝ T²) or ``||Uᵀ V||²`` after
+  materialising (cost ∝ T·p·q), whichever is cheaper for the shapes; K-FAC reads its rows;
 - :class:`IndexSum` — ``G_g[v] = Σ_{t: idx_t = v} v_t`` (Embedding): ghost norm over equal indices;
-- :class:`Dense` — the per-group gradient itself (normalisation layers, module-local fallback).
+- :class:`Dense` — the per-group gradient itself (normalisation layers, the local fallbacks);
+- :class:`Masked` — another factor times a fixed 0/1 mask (masked linear layers of autoregressive flows);
+- :class:`Sum` — a parameter used in several places (tied weights): the sum of its parts, with cross
+  terms by ghost inner products where the parts allow them.
 Groups of k samples are handled by concatenating their positions (``T`` becomes ``k·T``).
 """
 
 from __future__ import annotations
 
+import enum
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,20 +30,16 @@ from fimcb.core.metric import Metric, squared_row_norms
 MATERIALISE_BUDGET = 1 << 26
 
 
+class NormRoute(enum.Enum):
+    """How an :class:`OuterSum` computes its Euclidean norms."""
+
+    AUTO = "auto"  # by operation count
+    GHOST = "ghost"  # Gram matrices of the rows, never the gradient
+    DENSE = "dense"  # materialise the gradient by one batched product
+
+
 class Factor(ABC):
     """The gradient of one parameter for each of ``G`` groups, kept in whatever form is cheapest."""
-
-    @abstractmethod
-    def groups(self, group_size: int) -> Factor:
-        """Sum the gradients of consecutive samples in groups of ``group_size``."""
-
-    @abstractmethod
-    def dense(self, rows: slice) -> Tensor:
-        """Materialised gradients of the groups in ``rows``, shape ``[g, *param_shape]``."""
-
-    @abstractmethod
-    def total(self) -> Tensor:
-        """Sum over all groups (the batch gradient), to check the rule against autograd."""
 
     @property
     @abstractmethod
@@ -47,6 +49,19 @@ class Factor(ABC):
     @abstractmethod
     def device(self) -> torch.device: ...
 
+    @abstractmethod
+    def groups(self, group_size: int) -> Factor:
+        """Sum the gradients of consecutive samples in groups of ``group_size``."""
+
+    @abstractmethod
+    def dense(self, rows: slice) -> Tensor:
+        """Materialised gradients of the groups in ``rows``, shape ``[g, *matrix_shape]``."""
+
+    def total(self) -> Tensor:
+        """Sum over all groups (the batch gradient), to check the rule against autograd."""
+        step = max(1, MATERIALISE_BUDGET // max(1, self.dense(slice(0, 1)).numel()))
+        return sum(self.dense(slice(s, s + step)).sum(0) for s in range(0, self.n_groups, step))  # type: ignore[return-value]
+
     def ghost_norms(self) -> Tensor | None:
         """Squared Euclidean norms without materialising, or ``None`` when materialising is cheaper."""
         return None
@@ -55,46 +70,64 @@ class Factor(ABC):
         """``Σ_j w_j G_j²`` without materialising, or ``None`` when that is not cheaper."""
         return None
 
+    def ghost_inner(self, other: Factor) -> Tensor | None:
+        """``[G]`` Euclidean inner products ``⟨self_g, other_g⟩`` without materialising, or ``None``."""
+        return None
+
+    def transposed(self) -> Factor:
+        """The factor of the transposed matrix (a parameter used as ``W.T``)."""
+        return _Lazy(self, lambda g: g.transpose(1, 2))
+
     def squared_norms(self, name: str, metric: Metric, shape: torch.Size) -> Tensor:
         """``[G]`` squared norms under ``metric``, by a shortcut where the metric's form allows one."""
-        weights = metric.diagonal(name)
+        weights = metric.inverse_diagonal(name)
         shortcut = None
         if isinstance(weights, float):
             ghost = self.ghost_norms()
             shortcut = None if ghost is None else (ghost if weights == 1.0 else weights * ghost)
         elif isinstance(weights, Tensor):
-            shortcut = self.diagonal_norms(weights.to(self.device).reshape(shape))
+            shortcut = self.diagonal_norms(weights.to(self.device).reshape(self.matrix_shape(shape)))
         if shortcut is not None:
             return shortcut
         step = max(1, MATERIALISE_BUDGET // max(1, shape.numel()))
         # Explicit row counts: "-1" is ambiguous for an empty parameter (a layer with no inputs).
         rows = [(s, min(step, self.n_groups - s)) for s in range(0, self.n_groups, step)]
         parts = [metric.squared_norms(name, self.dense(slice(s, s + n)).reshape(n, *shape)) for s, n in rows]
-        return torch.cat(parts)
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def matrix_shape(self, shape: torch.Size) -> torch.Size:
+        """The shape :meth:`dense` gives one group's gradient (the parameter's, or its matrix view)."""
+        return shape
 
     @staticmethod
     def combine(factors: Sequence[Factor]) -> Factor:
-        """One factor for a parameter whose module ran several times in the forward pass."""
+        """One factor for a parameter used several times in the forward pass (calls, tied modules)."""
         if len(factors) == 1:
             return factors[0]
-        first = factors[0]
-        if all(isinstance(f, OuterSum) and f.same_layout(first) for f in factors):  # type: ignore[arg-type]
-            return OuterSum(torch.cat([f.u for f in factors], 1), torch.cat([f.v for f in factors], 1))  # type: ignore[attr-defined]
-        n = first.n_groups
-        return Dense(sum(f.dense(slice(0, n)) for f in factors))  # type: ignore[arg-type]
+        outer = [f for f in factors if isinstance(f, OuterSum)]
+        if len(outer) == len(factors) and all(f.same_layout(outer[0]) for f in outer):
+            first = outer[0]
+            return OuterSum(
+                torch.cat([f.u for f in outer], 1),
+                torch.cat([f.v for f in outer], 1),
+                first.route,
+                first.input_side,
+            )
+        return Sum(tuple(factors))
 
 
 @dataclass
 class OuterSum(Factor):
     """``G_g = Σ_t u_{g,t} v_{g,t}ᵀ`` with ``u`` ``[G, T, p]`` and ``v`` ``[G, T, q]``.
 
-    ``route`` picks how the Euclidean norm is computed: ``"auto"`` by operation count, ``"ghost"``
-    or ``"dense"`` as a rule measured for its shapes.
+    ``route`` picks how the Euclidean norm is computed (:class:`NormRoute`); ``input_side`` says which of
+    ``u``, ``v`` holds the layer's inputs (the other its output gradients), for K-FAC.
     """
 
     u: Tensor
     v: Tensor
-    route: str = "auto"
+    route: NormRoute = NormRoute.AUTO
+    input_side: Literal["u", "v"] = "v"
 
     @property
     def n_groups(self) -> int:
@@ -104,18 +137,28 @@ class OuterSum(Factor):
     def device(self) -> torch.device:
         return self.u.device
 
+    def matrix_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size((self.u.shape[2], self.v.shape[2]))
+
     def diagonal_norms(self, weights: Tensor) -> Tensor | None:
         if self.u.shape[1] != 1:
             return None
         w = weights.reshape(self.u.shape[2], self.v.shape[2])  # (b∘b)ᵀ W (a∘a), one matrix product
-        return ((self.u[:, 0].square() @ w) * self.v[:, 0].square()).sum(1)
+        return ((self.u[:, 0].square() @ w.to(self.u.dtype)) * self.v[:, 0].square()).sum(1)
 
     def same_layout(self, other: OuterSum) -> bool:
-        return self.u.shape[2:] == other.u.shape[2:] and self.v.shape[2:] == other.v.shape[2:]
+        return (
+            self.u.shape[2:] == other.u.shape[2:]
+            and self.v.shape[2:] == other.v.shape[2:]
+            and self.input_side == other.input_side
+        )
 
     def groups(self, group_size: int) -> OuterSum:
         return OuterSum(
-            _group_positions(self.u, group_size), _group_positions(self.v, group_size), self.route
+            _group_positions(self.u, group_size),
+            _group_positions(self.v, group_size),
+            self.route,
+            self.input_side,
         )
 
     def dense(self, rows: slice) -> Tensor:
@@ -124,15 +167,32 @@ class OuterSum(Factor):
     def total(self) -> Tensor:
         return torch.einsum("gtp,gtq->pq", self.u, self.v)
 
+    def transposed(self) -> OuterSum:
+        return OuterSum(self.v, self.u, self.route, "u" if self.input_side == "v" else "v")
+
     def ghost_norms(self) -> Tensor | None:
         t, p, q = self.u.shape[1], self.u.shape[2], self.v.shape[2]
         if t == 1:  # ||u vᵀ||² = ||u||² ||v||²
             return squared_row_norms(self.u) * squared_row_norms(self.v)
-        if self.route == "dense" or (self.route == "auto" and t * t * (p + q) >= t * p * q):
+        if self.route is NormRoute.DENSE or (self.route is NormRoute.AUTO and t * t * (p + q) >= t * p * q):
             return None
         gram_u = torch.bmm(self.u, self.u.transpose(1, 2))
         gram_v = torch.bmm(self.v, self.v.transpose(1, 2))
         return (gram_u * gram_v).sum((1, 2))
+
+    def ghost_inner(self, other: Factor) -> Tensor | None:
+        if isinstance(other, OuterSum) and self.same_layout(other):
+            cross_u = torch.bmm(self.u, other.u.transpose(1, 2))  # [G, T, S]
+            cross_v = torch.bmm(self.v, other.v.transpose(1, 2))
+            return (cross_u * cross_v).sum((1, 2))
+        if isinstance(other, IndexSum) and (self.u.shape[2], self.v.shape[2]) == (
+            other.num_rows,
+            other.v.shape[2],
+        ):
+            # <Σ_t u_t v_tᵀ, Σ_s e_{i_s} w_sᵀ> = Σ_{t,s} u_t[i_s] (v_t · w_s)
+            picked = torch.gather(self.u, 2, other.index.unsqueeze(1).expand(-1, self.u.shape[1], -1))
+            return (picked * torch.bmm(self.v, other.v.transpose(1, 2))).sum((1, 2))
+        return None
 
 
 @dataclass
@@ -151,6 +211,9 @@ class IndexSum(Factor):
     def device(self) -> torch.device:
         return self.v.device
 
+    def matrix_shape(self, shape: torch.Size) -> torch.Size:
+        return torch.Size((self.num_rows, self.v.shape[2]))
+
     def groups(self, group_size: int) -> IndexSum:
         return IndexSum(
             _group_positions(self.index, group_size), _group_positions(self.v, group_size), self.num_rows
@@ -161,15 +224,20 @@ class IndexSum(Factor):
         out = v.new_zeros(v.shape[0], self.num_rows, v.shape[2])
         return out.scatter_add_(1, index.unsqueeze(-1).expand_as(v), v)
 
-    def total(self) -> Tensor:
-        return self.dense(slice(None)).sum(0)
-
     def ghost_norms(self) -> Tensor | None:
         t, d = self.v.shape[1], self.v.shape[2]
         if t * t >= self.num_rows * d:
             return None
         same = (self.index.unsqueeze(2) == self.index.unsqueeze(1)).to(self.v.dtype)
         return (same * torch.bmm(self.v, self.v.transpose(1, 2))).sum((1, 2))
+
+    def ghost_inner(self, other: Factor) -> Tensor | None:
+        if isinstance(other, OuterSum):
+            return other.ghost_inner(self)
+        if isinstance(other, IndexSum) and other.v.shape[2] == self.v.shape[2]:
+            same = (self.index.unsqueeze(2) == other.index.unsqueeze(1)).to(self.v.dtype)
+            return (same * torch.bmm(self.v, other.v.transpose(1, 2))).sum((1, 2))
+        return None
 
 
 @dataclass
@@ -187,7 +255,7 @@ class Dense(Factor):
         return self.grads.device
 
     def diagonal_norms(self, weights: Tensor) -> Tensor:
-        return self.grads.flatten(1).square() @ weights.flatten().to(self.grads.dtype)
+        return self.grads.reshape(self.n_groups, -1).square() @ weights.flatten().to(self.grads.dtype)
 
     def groups(self, group_size: int) -> Dense:
         g = self.grads.shape[0] // group_size
@@ -201,6 +269,95 @@ class Dense(Factor):
 
     def total(self) -> Tensor:
         return self.grads.sum(0)
+
+
+@dataclass
+class Masked(Factor):
+    """``mask ⊙ G_g`` for a fixed 0/1 ``mask`` shaped like the parameter (``y = x (W ⊙ M)ᵀ``)."""
+
+    inner: Factor
+    mask: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.inner.n_groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def groups(self, group_size: int) -> Masked:
+        return Masked(self.inner.groups(group_size), self.mask)
+
+    def dense(self, rows: slice) -> Tensor:
+        g = self.inner.dense(rows)
+        return g * self.mask.to(g.dtype).reshape(g.shape[1:])
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor | None:
+        return self.inner.diagonal_norms(weights * self.mask.reshape(weights.shape).to(weights.dtype))
+
+    def ghost_norms(self) -> Tensor | None:  # M ⊙ M = M: the masked norm is a diagonal norm
+        return self.inner.diagonal_norms(self.mask.float())
+
+
+@dataclass
+class Sum(Factor):
+    """``Σ_i part_i``: a parameter reached in several forms (an embedding tied to an output layer).
+
+    Euclidean norms expand ``||Σ a_i||² = Σ ||a_i||² + 2 Σ_{i<j} ⟨a_i, a_j⟩`` when every part has a ghost
+    norm and every pair a ghost inner product; otherwise the sum is materialised a few groups at a time.
+    """
+
+    parts: tuple[Factor, ...]
+
+    @property
+    def n_groups(self) -> int:
+        return self.parts[0].n_groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def groups(self, group_size: int) -> Sum:
+        return Sum(tuple(p.groups(group_size) for p in self.parts))
+
+    def dense(self, rows: slice) -> Tensor:
+        out = self.parts[0].dense(rows).clone()
+        for part in self.parts[1:]:
+            out += part.dense(rows).reshape(out.shape)
+        return out
+
+    def ghost_norms(self) -> Tensor | None:
+        squares = [p.ghost_norms() for p in self.parts]
+        crosses = [a.ghost_inner(b) for a, b in itertools.combinations(self.parts, 2)]
+        if any(s is None for s in squares) or any(c is None for c in crosses):
+            return None
+        return sum(squares) + 2 * sum(crosses)  # type: ignore[operator, return-value]
+
+
+@dataclass
+class _Lazy(Factor):
+    """A factor seen through a per-group reshaping of its dense gradients (a transpose, a view)."""
+
+    inner: Factor
+    view: object  # Callable[[Tensor], Tensor], applied to [g, ...] blocks
+
+    @property
+    def n_groups(self) -> int:
+        return self.inner.n_groups
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def groups(self, group_size: int) -> _Lazy:
+        return _Lazy(self.inner.groups(group_size), self.view)
+
+    def dense(self, rows: slice) -> Tensor:
+        return self.view(self.inner.dense(rows))  # type: ignore[operator]
+
+    def ghost_norms(self) -> Tensor | None:  # a permutation of entries keeps the Euclidean norm
+        return self.inner.ghost_norms()
 
 
 def _group_positions(x: Tensor, group_size: int) -> Tensor:

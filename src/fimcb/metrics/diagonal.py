@@ -55,11 +55,11 @@ class LayerScalar(FittedMetric):
         self.dims = dims
         return self
 
-    def diagonal(self, name: str) -> float:
+    def inverse_diagonal(self, name: str) -> float:
         return 1.0 / self._lookup(self.scales, name)
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
-        return squared_row_norms(grads) * self.diagonal(name)
+        return squared_row_norms(grads) * self.inverse_diagonal(name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"options": self.options(), "dims": self.dims, "scales": self.scales}
@@ -127,9 +127,9 @@ class FittedDiagonal(FittedMetric):
         self.damped = damped
         self._weights = Diagonal(damped, damping=0.0)  # scores with the weights 1 / (F_jj + δ_l)
 
-    def diagonal(self, name: str) -> Tensor:
+    def inverse_diagonal(self, name: str) -> Tensor:
         self._lookup(self.damped, name)
-        return self._weights.diagonal(name)
+        return self._weights.inverse_diagonal(name)
 
     def squared_norms(self, name: str, grads: Tensor) -> Tensor:
         self._lookup(self.damped, name)

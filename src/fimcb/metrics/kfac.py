@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimcb.core.checks import check_positive_float
-from fimcb.core.metric import check_pair, squared_row_norms
+from fimcb.core.metric import as_rows, check_pair, squared_row_norms
 from fimcb.core.modes import eval_mode, grad_enabled
 from fimcb.core.protocol import LogLikelihoodFn, check_log_likelihood_output, resolve_log_likelihood
 from fimcb.engine import per_sample_layer_norms
@@ -319,7 +319,7 @@ class KFAC(FittedMetric):
         if name in self._scales:
             return super().inner_products(name, a, b)
         a, b = check_pair(name, a, b)
-        return self._whiten(name, a).flatten(start_dim=1) @ self._whiten(name, b).flatten(start_dim=1).T
+        return as_rows(self._whiten(name, a)) @ as_rows(self._whiten(name, b)).T
 
     def _whiten(self, name: str, grads: Tensor) -> Tensor:
         """``G^{-1/2} S A^{-1/2}`` per sample for a factored weight (``b G^{-1/2}`` for a bias), whose
@@ -339,7 +339,7 @@ class KFAC(FittedMetric):
             )
         return g_root @ s @ a_root
 
-    def diagonal(self, name: str) -> float | None:
+    def inverse_diagonal(self, name: str) -> float | None:
         """``1/λ_l`` for layer-scalar parameters (engines then skip materialising them), else ``None``."""
         self._known(name)
         return 1.0 / self._scales[name] if name in self._scales else None

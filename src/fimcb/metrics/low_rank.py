@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fimcb.core.checks import check_bool, check_int, check_positive_float
 from fimcb.core.distributed import broadcast_from_zero
-from fimcb.core.metric import check_pair, squared_row_norms
+from fimcb.core.metric import as_rows, check_pair, squared_row_norms
 from fimcb.core.protocol import LogLikelihoodFn
 from fimcb.engine import per_sample_gradients, per_sample_layer_norms
 from fimcb.metrics.base import FittedMetric, layer_dampings
@@ -67,7 +67,7 @@ class CountSketch:
 
 def _project(grads: Tensor, sketch: CountSketch | None) -> Tensor:
     """``[B, m]`` gradients, flattened and (for a sketched layer) sketched."""
-    flat = grads.flatten(start_dim=1)
+    flat = as_rows(grads)
     return flat if sketch is None else sketch(flat)
 
 

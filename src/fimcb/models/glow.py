@@ -11,7 +11,6 @@ leaves the global RNG alone and can be differentiated per sample with ``torch.fu
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 
 from fimcb.core.distributed import all_reduce_sum
 from fimcb.engine.factors import Dense, Factor
-from fimcb.engine.rules import Rule, register_rule
+from fimcb.engine.rules import Call, Rule, register_rule
 from fimcb.models.base import ImageLikelihoodModel
 from fimcb.models.distributions import gaussian_log_prob
 from fimcb.models.noise import content_noise
@@ -324,10 +323,8 @@ class Glow(ImageLikelihoodModel):
 
 @register_rule(ActNorm)
 class ActNormRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        (y, _), (g_y, g_det) = outputs, grads
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, (y, _), (g_y, g_det) = call.module, call.outputs, call.grads
         area = y.shape[2] * y.shape[3]
         bias = g_y.sum((2, 3), keepdim=True) * torch.exp(module.log_scale)
         log_scale = (g_y * y).sum((2, 3), keepdim=True) + area * g_det.reshape(-1, 1, 1, 1)
@@ -338,11 +335,9 @@ class ActNormRule(Rule):
 class InvConv1x1Rule(Rule):
     """Per-sample ``∂/∂W = Σ_t b_t x_tᵀ``, then the chain rule through ``W = P L U`` to the LU factors."""
 
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        (y, _), (g_y, g_det) = outputs, grads
-        g_w = torch.bmm(g_y.flatten(2), inputs[0].flatten(2).transpose(1, 2))  # Σ_t b_t x_tᵀ
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, (y, _), (g_y, g_det) = call.module, call.outputs, call.grads
+        g_w = torch.bmm(g_y.flatten(2), call.args[0].flatten(2).transpose(1, 2))  # Σ_t b_t x_tᵀ
         lower = module.lower * module.lower_mask + module.eye
         upper = module.upper * module.lower_mask.T + torch.diag(module.sign_s * torch.exp(module.log_s))
         pl_t_g = (module.perm @ lower).T @ g_w  # ∂/∂U (full upper factor)
@@ -358,10 +353,8 @@ class InvConv1x1Rule(Rule):
 
 @register_rule(TopPrior)
 class TopPriorRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        (latent, _), (g_latent, g_det) = outputs, grads
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, (latent, _), (g_latent, g_det) = call.module, call.outputs, call.grads
         mean = -g_latent * torch.exp(-module.log_std)
         log_std = -g_latent * latent - g_det.reshape(-1, 1, 1, 1)
         return {"mean": Dense(mean.unsqueeze(1)), "log_std": Dense(log_std.unsqueeze(1))}

@@ -1,17 +1,21 @@
-"""Registry of per-layer rules: how a module's per-sample gradients follow from its activations.
+"""Registry of per-layer rules: how a module's per-sample gradients follow from what one call of it saw.
 
-A rule sees one call of its module: the inputs, the outputs that carry gradient and the
-gradients of the summed log-likelihood with respect to them, and returns a
+A rule sees one :class:`Call` of its module: the inputs, the outputs that carry gradient and the
+per-sample gradients of the summed log-likelihood with respect to them, and returns a
 :class:`~fimcb.engine.factors.Factor` per parameter (by local name, as in
-``module.named_parameters(recurse=False)``). Rules are looked up by exact module type (a subclass
-may change ``forward``); modules without a rule fall back to module-local ``torch.func``. Extend
-it with :func:`register_rule`, as :mod:`fimcb.models.glow` does for its own layers.
+``module.named_parameters(recurse=False)``). The same factors serve every quantity the library
+needs from a layer: plain and ghost norms, diagonal metrics, materialised gradients and the
+Kronecker statistics of K-FAC (:mod:`fimcb.metrics.kfac`). Modules without a rule fall back to
+module-local ``torch.func`` (exact, slower). Rules are looked up by exact module type, or by the
+qualified class name for layers of other libraries (``"transformers.pytorch_utils.Conv1D"``), so that
+registering them imports nothing; a subclass may change ``forward``, so it needs its own rule.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import Tensor, nn
@@ -19,30 +23,65 @@ from torch import Tensor, nn
 from fimcb.engine.factors import Factor
 
 
+@dataclass(frozen=True)
+class Call:
+    """One call of a module as its rule sees it.
+
+    Attributes:
+        module: the module that was called.
+        args, kwargs: what it was called with (for a module called once for the whole batch, the
+            tensors are expanded to the batch, so that every call a rule sees is a batched one).
+        outputs: the outputs that carry gradient, in the order of the flattened output.
+        grads: ``d(Σ log-likelihood)/d(output)``, shaped like ``outputs``: row b holds sample b's own
+            gradient (samples are independent), zeros for an output the log-likelihood ignores.
+    """
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    outputs: list[Tensor]
+    grads: list[Tensor]
+
+
 class Rule(ABC):
-    """Per-sample gradients of one module type's own parameters from captured tensors."""
+    """Per-sample gradients of one module type's own parameters from a captured call."""
 
     def supports(self, module: nn.Module) -> bool:
         """Whether this configuration of the module is covered (otherwise: module-local fallback)."""
         return True
 
     @abstractmethod
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], output: Tensor, grad: Tensor
-    ) -> dict[str, Factor]:
+    def factors(self, call: Call) -> dict[str, Factor]:
         """Per-sample gradient factors of the module's parameters for one call (rows = samples)."""
 
 
-RULES: dict[type[nn.Module], Rule] = {}
+ModuleKey = type[nn.Module] | str
+RULES: dict[ModuleKey, Rule] = {}
+_VERSION = [0]  # bumped by every registration, so that cached plans are rebuilt
 R = TypeVar("R", bound=type[Rule])
 
 
-def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
-    """Class decorator: use this rule for modules of exactly these types."""
+def qualified_name(module_type: type) -> str:
+    """``package.module.Class``: how rules for other libraries' layers are registered."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable[[R], R]:
+    """Class decorator: use this rule for modules of exactly these types (or qualified class names).
+
+    Refuses to replace a rule registered for the same type unless ``overwrite=True``.
+    """
 
     def decorate(rule: R) -> R:
-        for module_type in module_types:
-            RULES[module_type] = rule()
+        for key in module_types:
+            known = RULES.get(key)
+            if known is not None and type(known) is not rule and not overwrite:
+                raise ValueError(
+                    f"a rule for {key!r} is already registered ({type(known).__qualname__}); "
+                    "pass overwrite=True to replace it"
+                )
+            RULES[key] = rule()
+        _VERSION[0] += 1
         return rule
 
     return decorate
@@ -50,11 +89,16 @@ def register_rule(*module_types: type[nn.Module]) -> Callable[[R], R]:
 
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule covering ``module``, or ``None``."""
-    rule = RULES.get(type(module))
+    rule = RULES.get(type(module)) or RULES.get(qualified_name(type(module)))
     return rule if rule is not None and rule.supports(module) else None
 
 
-# Importing the rule modules fills the registry.
-from fimcb.engine.rules import conv, embedding, linear, norm  # noqa: E402, F401
+def rule_version() -> int:
+    """Changes whenever a rule is registered, so that cached plans are rebuilt."""
+    return _VERSION[0]
 
-__all__ = ["RULES", "Rule", "register_rule", "rule_for"]
+
+# Importing the rule modules fills the registry (the third-party ones import nothing of their library).
+from fimcb.engine.rules import conv, embedding, linear, norm, thirdparty  # noqa: E402, F401
+
+__all__ = ["RULES", "Call", "Rule", "qualified_name", "register_rule", "rule_for"]

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
-from fimcb.engine.factors import Factor, IndexSum
-from fimcb.engine.rules import Rule, register_rule
+from fimcb.engine.factors import IndexSum
+from fimcb.engine.rules import Call, Rule, register_rule
+
+
+def embedding_factor(index: Tensor, grad: Tensor, num_rows: int, padding_idx: int | None) -> IndexSum:
+    """The factor of an embedding table ``[num_rows, d]`` looked up at ``index`` ``[B, ...]`` with output
+    gradient ``grad`` ``[B, ..., d]``; PyTorch gives the padding row no gradient."""
+    batch = grad.shape[0]
+    index = index.reshape(batch, -1)
+    v = grad.reshape(batch, -1, grad.shape[-1])
+    if padding_idx is not None:
+        v = v * (index != padding_idx).unsqueeze(-1).to(v.dtype)
+    return IndexSum(index, v, num_rows)
 
 
 @register_rule(nn.Embedding)
@@ -15,13 +24,8 @@ class EmbeddingRule(Rule):
     def supports(self, module: nn.Module) -> bool:
         return module.max_norm is None and not module.scale_grad_by_freq
 
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        grad = grads[0]
-        batch = grad.shape[0]
-        index = inputs[0].reshape(batch, -1)
-        v = grad.reshape(batch, -1, grad.shape[-1])
-        if module.padding_idx is not None:  # PyTorch gives the padding row no gradient
-            v = v * (index != module.padding_idx).unsqueeze(-1).to(v.dtype)
-        return {"weight": IndexSum(index, v, module.num_embeddings)}
+    def factors(self, call: Call) -> dict[str, IndexSum]:  # type: ignore[override]
+        module = call.module
+        return {
+            "weight": embedding_factor(call.args[0], call.grads[0], module.num_embeddings, module.padding_idx)
+        }

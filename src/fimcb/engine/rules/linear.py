@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor, nn
 
 from fimcb.engine.factors import Dense, Factor, OuterSum
-from fimcb.engine.rules import Rule, register_rule
+from fimcb.engine.rules import Call, Rule, register_rule
+
+
+def linear_factors(inputs: Tensor, grad: Tensor, weight: str | None, bias: str | None) -> dict[str, Factor]:
+    """Factors of ``y = x Wᵀ + b`` from the input ``x`` ``[B, ..., in]`` and ``dy`` ``[B, ..., out]`` (the
+    names under which to return the weight's and the bias's, ``None`` for one the caller does not want)."""
+    batch = grad.shape[0]
+    positions = grad[0, ..., 0].numel()  # explicit: "-1" is ambiguous for zero input features
+    b = grad.reshape(batch, positions, grad.shape[-1])
+    out: dict[str, Factor] = {}
+    if weight is not None:
+        out[weight] = OuterSum(b, inputs.reshape(batch, positions, inputs.shape[-1]))
+    if bias is not None:
+        out[bias] = Dense(b.sum(1))
+    return out
 
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        grad, a = grads[0], inputs[0]
-        batch = grad.shape[0]
-        positions = grad[0, ..., 0].numel()  # explicit: "-1" is ambiguous for zero input features
-        b = grad.reshape(batch, positions, grad.shape[-1])
-        out: dict[str, Factor] = {"weight": OuterSum(b, a.reshape(batch, positions, a.shape[-1]))}
-        if module.bias is not None:
-            out["bias"] = Dense(b.sum(1))
-        return out
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module = call.module
+        return linear_factors(
+            call.args[0], call.grads[0], "weight", "bias" if module.bias is not None else None
+        )

@@ -7,14 +7,12 @@ per-sample gradient does not exist: it is refused with an error.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimcb.engine.factors import Dense, Factor
-from fimcb.engine.rules import Rule, register_rule
+from fimcb.engine.rules import Call, Rule, register_rule
 
 
 def _affine(
@@ -32,35 +30,29 @@ def _affine(
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        grad = grads[0]
-        x_hat = F.layer_norm(inputs[0], module.normalized_shape, eps=module.eps)
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, grad = call.module, call.grads[0]
+        x_hat = F.layer_norm(call.args[0], module.normalized_shape, eps=module.eps)
         n = len(module.normalized_shape)
         return _affine(module, x_hat, grad, tuple(range(grad.ndim - n, grad.ndim)))
 
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        grad = grads[0]
-        x_hat = F.group_norm(inputs[0], module.num_groups, eps=module.eps)
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, grad = call.module, call.grads[0]
+        x_hat = F.group_norm(call.args[0], module.num_groups, eps=module.eps)
         return _affine(module, x_hat, grad, (1,))
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
-    def factors(
-        self, module: nn.Module, inputs: tuple[Any, ...], outputs: list[Tensor], grads: list[Tensor]
-    ) -> dict[str, Factor]:
-        grad = grads[0]
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, grad, x = call.module, call.grads[0], call.args[0]
         check_batchnorm(module)
-        shape = (1, -1) + (1,) * (inputs[0].ndim - 2)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
         mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
-        x_hat = (inputs[0] - mean) * torch.rsqrt(var + module.eps)
+        x_hat = (x - mean) * torch.rsqrt(var + module.eps)
         return _affine(module, x_hat, grad, (1,))
 
 

@@ -1,0 +1,663 @@
+"""The hooks backend: one batched forward and one backward, then per-sample factors of every parameter.
+
+Forward hooks record each call of every module that owns trainable parameters; one ``autograd.grad``
+of the summed log-likelihood with respect to those calls' outputs gives the per-sample output
+gradients (samples are independent), and no weight gradient is formed at all. Each module call then
+becomes factors of its parameters' per-sample gradients (:mod:`fimcb.engine.factors`): by the
+module's rule (:mod:`fimcb.engine.rules`), or by module-local ``torch.func`` for a layer without one.
+
+Models whose parameters are used outside their modules, or whose modules run once for the whole
+batch, are run under the batch tracker (:mod:`fimcb.engine.tracker`): its boundaries give the
+per-sample gradients of weight-like tensors, and one batched vector-Jacobian product over the
+parameter-only part of the graph (``is_grads_batched``) pulls them back to their parameters and to
+the outputs of the modules that ran once. Whichever route serves a parameter, the first batch of a
+model checks it against autograd: per-sample gradients must add up to the batch gradient, and
+match a plain backward of single samples. A parameter that fails, or that no route can serve, is
+computed by ``torch.func`` for that parameter alone (then a per-sample loop), and an INFO line says
+which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from fimcb.core.metric import Identity
+from fimcb.core.protocol import check_log_likelihood_output
+from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor
+from fimcb.engine.func import subset_gradients
+from fimcb.engine.local import per_sample_vjp
+from fimcb.engine.rules import Call, Rule, rule_for, rule_version
+from fimcb.engine.rules.ops import LocalOpRule, OpCall
+from fimcb.engine.tracker import BatchTracker, Kind, TrackerState, tensors_in
+from fimcb.engine.types import NormRequest
+
+log = logging.getLogger("fimcb")
+
+
+class Route(enum.Enum):
+    """How a parameter's per-sample gradients are obtained."""
+
+    RULE = "rule"
+    MODULE_LOCAL = "module-local torch.func"
+    OP_RULE = "op rule"
+    OP_LOCAL = "op-local torch.func"
+    PULLBACK = "batched pull-back"
+    FUNC = "torch.func fallback"
+    LOOP = "loop fallback"
+
+
+class UnsupportedModelError(RuntimeError):
+    """The hooks backend cannot serve this model (``auto`` then uses another backend)."""
+
+
+class _Replan(Exception):
+    """The untracked plan met something only the tracker can handle: capture again with it."""
+
+
+@dataclass
+class _Plan:
+    """How a model is captured, decided on its first batch and kept while its parameters stay the same."""
+
+    key: tuple[int, ...]
+    owners: list[tuple[nn.Module, dict[str, str], list[int]]]  # module, local -> global name, own ids
+    tracked: bool = True  # run under the batch tracker (a model's first batch is: it finds what needs it)
+    always_tracked: bool = False  # an untracked capture met what only the tracker handles
+    copy_outputs: bool = False  # give the model copies of captured outputs (in-place changes later)
+    verified: bool = False
+    fallback: dict[str, str] = field(default_factory=dict)  # parameter -> why it is served by torch.func
+    routes: dict[str, set[Route]] = field(default_factory=lambda: defaultdict(set))
+
+    @staticmethod
+    def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
+        global_name = {id(p): name for name, p in params.items()}
+        owners = []
+        for module in model.modules():
+            local = {
+                n: global_name[id(p)]
+                for n, p in module.named_parameters(recurse=False)
+                if id(p) in global_name
+            }
+            if local:
+                owners.append((module, local, [id(p) for p in module.parameters(recurse=False)]))
+        return _Plan(key, owners)
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+def plan_for(model: nn.Module, params: dict[str, nn.Parameter]) -> _Plan:
+    """The model's plan, rebuilt when its trainable parameters or the rule registry change."""
+    key = (rule_version(), *(id(p) for p in params.values()))
+    plan = _PLANS.get(model)
+    if plan is None or plan.key != key:
+        plan = _Plan.build(model, params, key)
+        _PLANS[model] = plan
+    return plan
+
+
+@dataclass
+class _ModuleCall:
+    """One recorded module call: what it was called with, the outputs that carry gradient (with their rows
+    per sample, ``None`` for an output without the batch) and, after the backward, their gradients."""
+
+    module: nn.Module
+    local: dict[str, str]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+    outputs: list[Tensor]
+    rows: list[int | None]
+    sources: list[int | None]  # pull-back source of each shared output
+    forward: _Forward
+    expanded: bool = False  # called on unit-batch inputs, its outputs expanded to the batch
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def batched(self) -> bool:
+        return all(r is not None for r in self.rows)
+
+    @property
+    def shared(self) -> bool:
+        return all(r is None for r in self.rows)
+
+
+@dataclass
+class Capture:
+    """Per-sample factors of every trainable parameter of one batch (rows = samples).
+
+    Attributes:
+        factors: one factor per parameter, by global name.
+        log_likelihood: ``[B]`` per-sample log-likelihoods.
+        pairs: bias -> weight of the same layer call (K-FAC damps them together).
+    """
+
+    factors: dict[str, Factor]
+    log_likelihood: Tensor
+    pairs: dict[str, str]
+
+
+class _Forward:
+    """Hooks (and the tracker) for one forward pass."""
+
+    def __init__(
+        self, plan: _Plan, params: dict[str, nn.Parameter], batch: int, x: Tensor, tracked: bool
+    ) -> None:
+        self.plan = plan
+        self.batch = batch
+        self.tracked = tracked
+        self.state = TrackerState(batch, {id(p): n for n, p in params.items()}, plan.copy_outputs)
+        self.calls: list[_ModuleCall] = []
+        if tracked:
+            self.state.label(x, Kind.BATCHED)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        handles = []
+        for module, local, own in self.plan.owners:
+            if self.tracked:
+                handles.append(module.register_forward_pre_hook(self._make_enter(own)))
+            handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
+        try:
+            with BatchTracker(self.state) if self.tracked else contextlib.nullcontext():
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _make_enter(self, own: list[int]) -> Any:
+        covered = self.state.covered
+
+        def enter(module: nn.Module, args: Any) -> None:  # the module's own parameters are its rule's now
+            for key in own:
+                covered[key] = covered.get(key, 0) + 1
+
+        return enter
+
+    def _make_hook(self, local: dict[str, str], own: list[int]) -> Any:
+        covered = self.state.covered
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if self.tracked:
+                for key in own:
+                    covered[key] -= 1
+            return self._record(module, local, args, kwargs, output)
+
+        return hook
+
+    def _record(
+        self,
+        module: nn.Module,
+        local: dict[str, str],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> Any:
+        outputs = [t for t in tensors_in(output) if t.requires_grad]
+        if not outputs:
+            return None
+        state, batch = self.state, self.batch
+        expanded = False
+        if self.tracked:
+            from_data = any(state.kind(t) is Kind.BATCHED for t in tensors_in((args, kwargs)))
+            rows = [self._output_rows(t, from_data) for t in outputs]
+        else:
+            expand = [t.ndim >= 1 and t.shape[0] == 1 != batch for t in outputs]
+            if not all(e or (t.ndim and t.shape[0] == batch) for t, e in zip(outputs, expand, strict=True)):
+                raise _Replan(f"{type(module).__name__} returned an output without the batch dimension")
+            expanded = any(expand)
+            if expanded:  # called once for the batch: continue with its output repeated for every sample
+                output, outputs = _expand_outputs(output, outputs, batch)
+            rows = [1] * len(outputs)
+        index = len(self.calls)
+        sources: list[int | None] = []
+        for j, (t, r) in enumerate(zip(outputs, rows, strict=True)):
+            if r is None:  # shared by all samples: a weight-like tensor whose gradient comes by pull-back
+                source = state.new_source(t, ("output", (index, j)))
+                inherited = state.sources_of(t) if state.kind(t) is Kind.WEIGHT else frozenset()
+                state.label(t, Kind.WEIGHT, inherited | {source})
+                sources.append(source)
+            else:
+                state.label(t, Kind.BATCHED)
+                sources.append(None)
+                state.versions.append((t, t._version))
+        self.calls.append(
+            _ModuleCall(module, local, args, kwargs, output, outputs, rows, sources, self, expanded)
+        )
+        if not self.plan.copy_outputs:
+            return output if expanded else None
+        flat, spec = tree_flatten(output)
+        for i, t in enumerate(flat):  # the model continues with copies, labelled like the originals
+            if any(t is o for o in outputs):
+                mark = state.mark(t)
+                flat[i] = t.clone()
+                if mark is not None:
+                    state.label(flat[i], mark.kind, mark.sources)
+        return tree_unflatten(flat, spec)
+
+    def input_rows(self, t: Any) -> int | None:
+        """Rows per sample of a module input (``None`` for one shared by all samples)."""
+        if not isinstance(t, Tensor):
+            return None
+        if self.tracked:
+            return self.state.rows(t)
+        return 1 if t.ndim and t.shape[0] == self.batch else None
+
+    def _output_rows(self, t: Tensor, from_data: bool) -> int | None:
+        """Rows per sample of a module output: a call on batched data gives ``B·m`` rows; a call on
+        constants only gives per-sample rows when it has exactly ``B`` (the shape convention)."""
+        if t.ndim == 0 or t.shape[0] == 0:
+            return None
+        if from_data:
+            return t.shape[0] // self.batch if t.shape[0] % self.batch == 0 else None
+        return 1 if t.shape[0] == self.batch else None
+
+
+def capture(request: NormRequest, x: Tensor) -> Capture:
+    """Per-sample factors of every trainable parameter for the batch ``x`` (the hooks backend).
+
+    A model's first batch runs under the batch tracker and is verified against autograd; models that
+    turn out to need neither the tracker nor copies of their layers' outputs run without them after.
+    """
+    model, params = request.model, request.params
+    plan = plan_for(model, params)
+    for _ in range(5):
+        verifying = not plan.verified
+        try:
+            result, needs_tracker = _capture(request, plan, x, verifying)
+        except _Replan as why:
+            log.info(
+                "fimcb: %s; %s is captured with the batch tracker from now on", why, type(model).__name__
+            )
+            plan.tracked = plan.always_tracked = True
+            plan.verified = False
+            continue
+        except _InPlace:  # a later in-place operation changed a captured output: capture behind copies
+            plan.copy_outputs, plan.verified = True, False
+            continue
+        if verifying:
+            plan.verified = True
+            log.info("fimcb hooks engine on %s: %s", type(model).__name__, describe(plan))
+            if plan.tracked and not needs_tracker and not plan.always_tracked:
+                plan.tracked, plan.verified = False, False  # the next batch checks the untracked capture
+        return result
+    raise UnsupportedModelError(f"cannot settle how to capture {type(model).__name__}")
+
+
+def _expand_outputs(output: Any, outputs: list[Tensor], batch: int) -> tuple[Any, list[Tensor]]:
+    """The module's output with every unit-batch tensor that carries gradient expanded to the batch."""
+    flat, spec = tree_flatten(output)
+    expanded = []
+    for i, t in enumerate(flat):
+        if isinstance(t, Tensor) and any(t is o for o in outputs):
+            if t.ndim >= 1 and t.shape[0] == 1:
+                flat[i] = t.expand(batch, *t.shape[1:])
+            expanded.append(flat[i])
+    return tree_unflatten(flat, spec), expanded
+
+
+class _InPlace(Exception):
+    """A captured output was modified in place later in the forward pass."""
+
+
+def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tuple[Capture, bool]:
+    """One capture; also whether this model needs the batch tracker (for the next batches).
+
+    Without the tracker, a module called once for the whole batch with a unit leading dimension (a
+    position embedding on ``[1, T]``) has its output expanded to the batch (a view, same values), so that
+    its gradient arrives per sample; anything else that needs the tracker, or a failed check, raises
+    :class:`_Replan`."""
+    params = request.params
+    batch = x.shape[0]
+    tracked = plan.tracked
+    forward = _Forward(plan, params, batch, x, tracked)
+    with forward.running():
+        ll = check_log_likelihood_output(request.log_likelihood(x), batch)
+    state = forward.state
+    if any(t._version != v for t, v in state.versions):
+        raise _InPlace
+    targets = [t for c in forward.calls for t, r in zip(c.outputs, c.rows, strict=True) if r is not None]
+    op_targets = [t for op, _ in state.ops for t in op.targets]
+    wanted = targets + op_targets + (list(params.values()) if verify else [])
+    grads = torch.autograd.grad(
+        ll.sum(), wanted, allow_unused=True, retain_graph=verify and bool(state.sources)
+    )
+    grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wanted, grads, strict=True)]
+    position = 0
+    for c in forward.calls:
+        c.grads = []
+        for r in c.rows:
+            c.grads.append(grads[position] if r is not None else None)
+            position += r is not None
+    found: dict[str, list[Factor]] = defaultdict(list)
+    failed: dict[str, str] = {}
+    pullback = _op_factors(forward, grads[len(targets) : len(targets) + len(op_targets)], found, failed)
+    if pullback:
+        _pull_back(forward, pullback, found, failed)
+    pairs = _module_factors(forward, found, failed)
+    served = [n for n in params if n not in plan.fallback and n not in failed]
+    if not tracked and any(n not in found for n in served):
+        raise _Replan(
+            f"parameters {[n for n in served if n not in found][:5]} were not used inside their module"
+        )
+    factors = {n: Factor.combine(found[n]) if found[n] else _zeros(params[n], batch) for n in served}
+    if verify:
+        failed.update(_verify(request, factors, grads[len(wanted) - len(params) :], x, ll))
+    if failed and not tracked:
+        raise _Replan(
+            f"without the tracker, {', '.join(f'{n} ({why})' for n, why in list(failed.items())[:3])}"
+        )
+    for name, why in failed.items():
+        plan.fallback.setdefault(name, why)
+        factors.pop(name, None)
+    if plan.fallback:
+        fallback = {n: params[n] for n in plan.fallback}
+        for name, (g, route) in subset_gradients(request, fallback, x).items():
+            factors[name] = Dense(g)
+            plan.routes[name] = {Route.FUNC if route == "func" else Route.LOOP}
+    needs_tracker = any(_needs_tracker(state, op) for op, _ in state.ops) or any(
+        (r is not None and r != 1) or (r is None and not _unit_leading(t))
+        for c in forward.calls
+        for t, r in zip(c.outputs, c.rows, strict=True)
+    )
+    return Capture({n: factors[n] for n in params}, ll.detach(), pairs), needs_tracker
+
+
+def _unit_leading(t: Tensor) -> bool:
+    return t.ndim >= 1 and t.shape[0] == 1
+
+
+def _needs_tracker(state: TrackerState, op: OpCall) -> bool:
+    """Whether a boundary involves more than outputs of unit-batch module calls (which the untracked capture
+    expands): a parameter used outside its module, or a shared output of another shape."""
+    for w in op.weights.values():
+        mark = state.mark(w)
+        if mark is None or any(state.source_keys[i][0] == "param" for i in mark.sources):
+            return True
+        if any(not _unit_leading(state.sources[i]) for i in mark.sources):
+            return True
+    return False
+
+
+def _zeros(p: Tensor, batch: int) -> Dense:
+    """The factor of a parameter the log-likelihood does not use: zero for every sample."""
+    return Dense(torch.zeros(batch, *p.shape, dtype=p.dtype, device=p.device))
+
+
+def _op_factors(
+    forward: _Forward, grads: list[Tensor], found: dict[str, list[Factor]], failed: dict[str, str]
+) -> list[tuple[Tensor, Factor]]:
+    """Factors of the weight-like operands of every boundary: a parameter's go to it directly (transposed
+    for ``W.T``), the others are returned for the pull-back."""
+    state, plan = forward.state, forward.plan
+    pullback = []
+    start = 0
+    for op, rule in state.ops:
+        op_grads = grads[start : start + len(op.targets)]
+        start += len(op.targets)
+        try:
+            factors = rule.factors(op, op_grads)
+        except Exception as err:  # op-local torch.func cannot split this function by sample
+            for w in op.weights.values():
+                for name in _parameters_behind(forward, w):
+                    failed.setdefault(name, f"{_op_name(op.func)} outside modules: {_first_line(err)}")
+            continue
+        route = Route.OP_LOCAL if isinstance(rule, LocalOpRule) else Route.OP_RULE
+        for position, factor in factors.items():
+            w = op.weights[position]
+            name = state.params.get(id(w))
+            mark = state.mark(w)
+            if name is not None and mark is None:
+                found[name].append(factor)
+                plan.routes[name].add(route)
+            elif mark is not None and mark.transpose_of is not None:
+                found[mark.transpose_of].append(factor.transposed())
+                plan.routes[mark.transpose_of].add(route)
+            else:
+                pullback.append((w, factor))
+    return pullback
+
+
+def _pull_back(
+    forward: _Forward,
+    items: list[tuple[Tensor, Factor]],
+    found: dict[str, list[Factor]],
+    failed: dict[str, str],
+) -> None:
+    """Per-sample gradients of the sources (parameters, shared module outputs) of weight-like operands,
+    by one batched vector-Jacobian product over the parameter-only part of the graph."""
+    state, batch = forward.state, forward.batch
+    wanted = sorted(set().union(*(state.sources_of(w) for w, _ in items)))
+    inputs = [state.sources[i] for i in wanted]
+    size = sum(w.numel() for w, _ in items) + sum(t.numel() for t in inputs)
+    step = max(1, min(batch, MATERIALISE_BUDGET // max(1, size)))
+    parts: list[list[Tensor | None]] = []
+    try:
+        for s in range(0, batch, step):
+            rows = slice(s, min(s + step, batch))
+            cotangents = [f.dense(rows).reshape(-1, *w.shape) for w, f in items]
+            parts.append(
+                list(
+                    torch.autograd.grad(
+                        [w for w, _ in items],
+                        inputs,
+                        cotangents,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+            )
+    except Exception as err:
+        for i in wanted:
+            for name in _parameters_of_source(forward, i):
+                failed.setdefault(name, f"the pull-back to it failed: {_first_line(err)}")
+        return
+    sizes = [min(step, batch - s) for s in range(0, batch, step)]
+    for j, i in enumerate(wanted):
+        t = inputs[j]
+        g = torch.cat(
+            [
+                part[j] if part[j] is not None else torch.zeros(n, *t.shape, dtype=t.dtype, device=t.device)
+                for part, n in zip(parts, sizes, strict=True)
+            ]
+        ).detach()
+        kind, key = state.source_keys[i]
+        if kind == "param":
+            found[key].append(Dense(g))
+            forward.plan.routes[key].add(Route.PULLBACK)
+        else:
+            call_index, output_index = key
+            forward.calls[call_index].grads[output_index] = g
+
+
+def _module_factors(
+    forward: _Forward, found: dict[str, list[Factor]], failed: dict[str, str]
+) -> dict[str, str]:
+    """Factors of every module call's own parameters; the bias -> weight pairs of rule-served calls."""
+    batch, plan = forward.batch, forward.plan
+    pairs: dict[str, str] = {}
+    for call in forward.calls:
+        module = call.module
+        grads = [
+            g if g is not None else torch.zeros(batch, *t.shape, dtype=t.dtype, device=t.device)
+            for t, g in zip(call.outputs, call.grads, strict=True)
+        ]
+        rule = rule_for(module)
+        try:
+            if rule is not None and call.expanded:
+                factors = rule.factors(_expanded(call, grads, batch))
+                route = Route.RULE
+            elif rule is not None and call.batched and len(set(call.rows)) == 1:
+                factors = _by_rule(rule, call, grads)
+                route = Route.RULE
+            elif rule is not None and call.shared:
+                factors = rule.factors(_expanded(call, grads, batch))
+                route = Route.RULE
+            else:
+                factors = _module_local(call, grads, batch)
+                route = Route.MODULE_LOCAL
+        except Exception as err:
+            for name in call.local.values():
+                failed.setdefault(name, f"{type(module).__name__}: {_first_line(err)}")
+            continue
+        for local, factor in factors.items():
+            found[call.local[local]].append(factor)
+            plan.routes[call.local[local]].add(route)
+        if route is Route.RULE and "bias" in factors and "weight" in factors:
+            pairs[call.local["bias"]] = call.local["weight"]
+    return pairs
+
+
+def _by_rule(rule: Rule, call: _ModuleCall, grads: list[Tensor]) -> dict[str, Factor]:
+    """The rule's factors of a batched call (``m`` rows per sample are summed into each sample's)."""
+    rows = call.rows[0] or 1
+    factors = rule.factors(Call(call.module, call.args, call.kwargs, call.outputs, grads))
+    return {n: f.groups(rows) for n, f in factors.items()} if rows > 1 else factors
+
+
+def _expanded(call: _ModuleCall, grads: list[Tensor], batch: int) -> Call:
+    """A call made once for the whole batch, presented to its rule as a batched one: its tensors repeated for
+    every sample (a unit leading dimension replaced, else one added), with the outputs' per-sample gradients.
+    Outputs the untracked capture already expanded stay as they are."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    tensors = [t for t in leaves if isinstance(t, Tensor)] + ([] if call.expanded else call.outputs)
+    replace = all(_unit_leading(t) for t in tensors)
+
+    def expand(t: Tensor) -> Tensor:
+        if replace:
+            return t.expand(batch, *t.shape[1:]) if _unit_leading(t) else t
+        return t.unsqueeze(0).expand(batch, *t.shape)
+
+    args, kwargs = tree_unflatten([expand(t) if isinstance(t, Tensor) else t for t in leaves], spec)
+    if call.expanded:
+        return Call(call.module, tuple(args), kwargs, call.outputs, grads)
+    shaped = [
+        g.reshape(batch, *t.shape[1:]) if replace else g for t, g in zip(call.outputs, grads, strict=True)
+    ]
+    return Call(call.module, tuple(args), kwargs, [expand(t) for t in call.outputs], shaped)
+
+
+def _module_local(call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[str, Factor]:
+    """Per-sample gradients of a module's own parameters by ``torch.func`` on that module alone."""
+    module = call.module
+    own = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in call.local}
+
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    flat = tree_flatten(call.output)[0]
+    positions = [next(i for i, t in enumerate(flat) if t is o) for o in call.outputs]
+
+    def piece(p: dict[str, Tensor], sample_leaves: list[Any]) -> Any:
+        args, kwargs = tree_unflatten(sample_leaves, spec)
+        return functional_call(module, p, tuple(args), kwargs)
+
+    batched = [call.forward.input_rows(t) is not None for t in leaves]
+    leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+    output_grads = [(i, g, r is not None) for i, g, r in zip(positions, grads, call.rows, strict=True)]
+    return {n: Dense(g) for n, g in per_sample_vjp(piece, own, leaves, batched, output_grads, batch).items()}
+
+
+def _parameters_behind(forward: _Forward, w: Tensor) -> set[str]:
+    state = forward.state
+    name = state.params.get(id(w))
+    if name is not None and state.mark(w) is None:
+        return {name}
+    return {n for i in state.sources_of(w) for n in _parameters_of_source(forward, i)}
+
+
+def _parameters_of_source(forward: _Forward, index: int) -> set[str]:
+    kind, key = forward.state.source_keys[index]
+    if kind == "param":
+        return {key}
+    return set(forward.calls[key[0]].local.values())
+
+
+def _verify(
+    request: NormRequest, factors: dict[str, Factor], batch_grads: list[Tensor], x: Tensor, ll: Tensor
+) -> dict[str, str]:
+    """Parameters whose per-sample gradients fail the self-check against autograd, with the reason: they
+    must add up to the batch gradient (a tolerance that scales with the per-sample gradients too, for
+    parameters whose batch gradient cancels), and match a plain backward of the first and last sample."""
+    identity = Identity()
+    failed = {}
+    norms = {n: f.squared_norms(n, identity, request.params[n].shape) for n, f in factors.items()}
+    scale = torch.stack([v.sum() for v in norms.values()]).sum().sqrt() if norms else torch.zeros(())
+    for (name, p), g in zip(request.params.items(), batch_grads, strict=True):
+        if name not in factors:
+            continue
+        total = factors[name].total().reshape(p.shape)
+        if (total - g).norm() > 1e-3 * g.norm() + 1e-4 * norms[name].sum().sqrt() + 1e-6 * scale:
+            failed[name] = "per-sample gradients do not add up to the batch gradient"
+    if x.shape[0] < 2:
+        return failed
+    for i in (0, x.shape[0] - 1):
+        try:
+            single = check_log_likelihood_output(request.log_likelihood(x[i : i + 1]), 1)
+        except Exception as err:  # the model does not run on one sample: the sum check has to do
+            log.info(
+                "fimcb: %s does not run on a single sample (%s)",
+                type(request.model).__name__,
+                _first_line(err),
+            )
+            return failed
+        alone, batched = float(single.detach()[0]), float(ll.detach()[i])
+        if abs(alone - batched) > 1e-4 * abs(batched) + 1e-5:
+            log.warning(
+                "fimcb: %s's log-likelihood of sample %d differs alone (%.6g) and in a batch (%.6g): it is "
+                "not deterministic in eval mode, or samples interact; per-sample gradients are ill-defined",
+                type(request.model).__name__,
+                i,
+                alone,
+                batched,
+            )
+            return failed
+        names = [n for n in factors if n not in failed]
+        grads = torch.autograd.grad(single.sum(), [request.params[n] for n in names], allow_unused=True)
+        row = {
+            n: 0.0 if g is None else float(g.detach().pow(2).sum()) for n, g in zip(names, grads, strict=True)
+        }
+        largest = max(row.values(), default=0.0)
+        tol = 1e-9 if ll.dtype == torch.float64 else 1e-3
+        for n in names:
+            got, want = float(norms[n][i].detach()), row[n]
+            if abs(got - want) > tol * abs(want) + tol * 1e-2 * largest:
+                failed[n] = (
+                    f"per-sample gradients differ from a backward of one sample ({got:.4g} vs {want:.4g})"
+                )
+    return failed
+
+
+def describe(plan: _Plan) -> str:
+    """The route of each layer type (``rule: Linear(2); ...``), the parameters served outside their modules
+    (``op rule: lm_bias``) and those left to a fallback, with the reason."""
+    layer = {g: f"{type(m).__name__}({len(local)})" for m, local, _ in plan.owners for g in local.values()}
+    by_route: dict[Route, set[str]] = defaultdict(set)
+    for name, used in plan.routes.items():
+        for route in used:
+            if route not in (Route.FUNC, Route.LOOP):
+                by_route[route].add(layer[name] if route in (Route.RULE, Route.MODULE_LOCAL) else name)
+    parts = [f"{route.value}: {', '.join(sorted(by_route[route]))}" for route in Route if route in by_route]
+    parts += [
+        f"{next(iter(plan.routes.get(n, {Route.FUNC}))).value} for {n} ({why})"
+        for n, why in plan.fallback.items()
+    ]
+    return "; ".join(parts)
+
+
+def _op_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or str(func)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]

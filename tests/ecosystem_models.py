@@ -1,0 +1,275 @@
+"""Models fimcb did not write: tiny random-init configs of the field's libraries, and one small model for
+each pattern that escapes module hooks. Shared by ``tests/test_ecosystem.py`` (exactness against a naive
+loop) and ``benchmarks/ecosystem.py`` (the compatibility matrix), so both measure the same models.
+
+Each builder takes a dtype and returns ``(model, x)``: a model with ``log_likelihood(x) -> [B]`` and a
+batch for it. Third-party builders import their library inside, so that a missing one skips only its
+models (``REQUIRES`` names it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+Builder = Callable[[torch.dtype], tuple[nn.Module, Tensor]]
+
+
+def _log_softmax_tokens(logits: Tensor, tokens: Tensor) -> Tensor:
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(1)
+
+
+# ---- one small model per pattern ---------------------------------------------------------------------
+
+
+class LearnedScaleVAE(nn.Module):
+    """A Gaussian decoder with a learned global ``log_sigma`` (a 0-dim parameter) used in the likelihood."""
+
+    def __init__(self, dim: int = 6, latent: int = 3) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(dim, latent)
+        self.decoder = nn.Linear(latent, dim)
+        self.log_sigma = nn.Parameter(torch.tensor(-1.0))
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        z = torch.tanh(self.encoder(x))
+        sigma = self.log_sigma.exp()
+        nll = 0.5 * ((x - self.decoder(z)) / sigma).pow(2) + self.log_sigma + 0.5 * math.log(2 * math.pi)
+        return -nll.sum(1) - 0.5 * z.pow(2).sum(1)
+
+
+class TiedTokenModel(nn.Module):
+    """Tied embeddings as ``h @ emb.weight.T``, an output bias added to the logits, and a raw
+    ``nn.Parameter`` position embedding sliced to the sequence length."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, max_len: int = 12) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, max_len, dim))
+        self.mix = nn.Linear(dim, dim)
+        self.out_bias = nn.Parameter(torch.zeros(vocab))
+
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        h = self.emb(tokens[:, :-1]) + self.pos[:, : tokens.shape[1] - 1]
+        h = torch.tanh(self.mix(h))
+        return _log_softmax_tokens(h @ self.emb.weight.T + self.out_bias, tokens[:, 1:])
+
+
+class SharedPositionModel(nn.Module):
+    """A position embedding module called once on ``[1, T]`` positions, as Hugging Face models do."""
+
+    def __init__(self, vocab: int = 9, dim: int = 5, max_len: int = 16) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        inputs = tokens[:, :-1]
+        positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0)
+        h = self.norm(self.tok(inputs) + self.pos(positions))
+        return _log_softmax_tokens(self.head(h), tokens[:, 1:])
+
+
+class ConditionedDensity(nn.Module):
+    """A Gaussian whose mean and scale come from a conditioning MLP run once on a fixed code."""
+
+    def __init__(self, dim: int = 4, code: int = 3) -> None:
+        super().__init__()
+        self.register_buffer("code", torch.randn(code))
+        self.condition = nn.Sequential(nn.Linear(code, 8), nn.Tanh(), nn.Linear(8, 2 * dim))
+        self.body = nn.Linear(dim, dim)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        mean, log_scale = self.condition(self.code).chunk(2)
+        z = (self.body(x) - mean) * torch.exp(-log_scale)
+        return -0.5 * z.pow(2).sum(1) - log_scale.sum() + torch.linalg.slogdet(self.body.weight)[1]
+
+
+class ScaleStep(nn.Module):
+    """A flow step whose log-determinant does not depend on the sample: ``log_scale.sum() * H * W``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(0.1 * torch.randn(channels, 1, 1))
+        self.shift = nn.Parameter(torch.zeros(channels, 1, 1))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x * self.log_scale.exp() + self.shift, self.log_scale.sum() * x.shape[2] * x.shape[3]
+
+
+class BatchFreeLogDetFlow(nn.Module):
+    """Flow steps with 0-dim log-determinants, added up in a Python float and in a ``zeros(B)`` buffer."""
+
+    def __init__(self, channels: int = 2) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(ScaleStep(channels) for _ in range(2))
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        log_det = 0.0
+        h, ld = self.steps[0](x)
+        log_det = log_det + ld
+        total = torch.zeros(x.shape[0], dtype=x.dtype)
+        h, ld = self.steps[1](torch.tanh(self.mix(h)))
+        total += ld
+        return -0.5 * h.pow(2).flatten(1).sum(1) + log_det + total
+
+
+class LearnedStateModel(nn.Module):
+    """A learned initial state expanded to the batch (``h0.expand(B, -1)``), as recurrent models do."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(0.1 * torch.randn(1, dim))
+        self.cell = nn.Linear(2 * dim, dim)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h = self.h0.expand(x.shape[0], -1)
+        total = torch.zeros(x.shape[0], dtype=x.dtype)
+        for t in range(x.shape[1]):
+            total = total - 0.5 * (x[:, t] - h).pow(2).sum(1)
+            h = torch.tanh(self.cell(torch.cat([h, x[:, t]], 1)))
+        return total
+
+
+# ---- third-party libraries ------------------------------------------------------------------------------
+
+
+class GPT2(nn.Module):
+    """Hugging Face GPT-2 (random init): tied ``lm_head``, ``Conv1D``, positions embedded on ``[1, T]``."""
+
+    def __init__(
+        self, vocab: int = 40, layers: int = 2, width: int = 16, heads: int = 2, positions: int = 16
+    ) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=positions,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.net = GPT2LMHeadModel(config)
+
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        return _log_softmax_tokens(self.net(input_ids=tokens[:, :-1]).logits, tokens[:, 1:])
+
+
+class UNet(nn.Module):
+    """diffusers ``UNet2DModel`` (random init, attention blocks) as a denoising score at one timestep, the
+    noise a fixed function of the sample, and the timestep a Python int (diffusers expands it)."""
+
+    def __init__(self, channels: tuple[int, int] = (8, 16), size: int = 8) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.net = UNet2DModel(
+            sample_size=size,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=channels,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_head_dim=4,
+        )
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        noise = torch.sin(7.0 * x + 1.0)  # deterministic per sample
+        eps = self.net(0.9 * x + 0.4 * noise, 10).sample
+        return -(eps - noise).pow(2).flatten(1).sum(1)
+
+
+class ZukoFlow(nn.Module):
+    """zuko MAF or NSF (masked linear layers of the autoregressive hyper-networks)."""
+
+    def __init__(self, kind: str = "MAF", features: int = 4, hidden: tuple[int, ...] = (16, 16)) -> None:
+        super().__init__()
+        import zuko
+
+        self.flow = getattr(zuko.flows, kind)(features=features, transforms=2, hidden_features=hidden)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return self.flow().log_prob(x)
+
+
+class NormflowsRealNVP(nn.Module):
+    """normflows: affine coupling with MLPs, ActNorm (batch-free log-determinant) and a trainable Gaussian
+    base used through ``log_prob`` (outside any module call)."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        import normflows as nf
+
+        flows = []
+        for _ in range(2):
+            net = nf.nets.MLP([dim // 2, 8, dim], init_zeros=False)
+            flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(dim, mode="swap")]
+            flows.append(nf.flows.ActNorm(dim))
+        self.flow = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), flows)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return self.flow.log_prob(x)
+
+
+def _tokens(vocab: int, length: int, batch: int = 6) -> Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+
+
+def _normal(*shape: int, dtype: torch.dtype) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+
+def _build(
+    make: Callable[[], nn.Module], inputs: Callable[[torch.dtype], Tensor], warm_up: bool = False
+) -> Builder:
+    """A builder: the model made under seed 0 in ``dtype``, in eval mode (one forward first where the model
+    initialises itself from data, as normflows' ActNorm does)."""
+
+    def build(dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
+        torch.manual_seed(0)
+        model = make().to(dtype).eval()
+        x = inputs(dtype)
+        if warm_up:
+            with torch.no_grad():
+                model.log_likelihood(x)
+        return model, x
+
+    return build
+
+
+PATTERNS: dict[str, Builder] = {
+    "learned_scale_vae": _build(LearnedScaleVAE, lambda dt: _normal(6, 6, dtype=dt)),
+    "tied_tokens": _build(TiedTokenModel, lambda dt: _tokens(11, 9)),
+    "shared_position": _build(SharedPositionModel, lambda dt: _tokens(9, 8)),
+    "conditioned_density": _build(ConditionedDensity, lambda dt: _normal(6, 4, dtype=dt)),
+    "batch_free_logdet": _build(BatchFreeLogDetFlow, lambda dt: _normal(6, 2, 3, 3, dtype=dt)),
+    "learned_state": _build(LearnedStateModel, lambda dt: _normal(6, 3, 4, dtype=dt)),
+}
+LIBRARIES: dict[str, Builder] = {
+    "transformers_gpt2": _build(GPT2, lambda dt: _tokens(40, 10)),
+    "diffusers_unet2d": _build(UNet, lambda dt: _normal(4, 1, 8, 8, dtype=dt)),
+    "zuko_maf": _build(lambda: ZukoFlow("MAF"), lambda dt: _normal(6, 4, dtype=dt)),
+    "zuko_nsf": _build(lambda: ZukoFlow("NSF"), lambda dt: _normal(6, 4, dtype=dt)),
+    "normflows_realnvp": _build(NormflowsRealNVP, lambda dt: _normal(6, 4, dtype=dt), warm_up=True),
+}
+REQUIRES = {
+    "transformers_gpt2": "transformers",
+    "diffusers_unet2d": "diffusers",
+    "zuko_maf": "zuko",
+    "zuko_nsf": "zuko",
+    "normflows_realnvp": "normflows",
+}
