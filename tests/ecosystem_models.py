@@ -2,20 +2,18 @@
 each pattern that escapes module hooks. Shared by ``tests/test_ecosystem.py`` (exactness against a naive
 loop) and ``benchmarks/ecosystem.py`` (the compatibility matrix), so both measure the same models.
 
-Each builder takes a dtype and returns ``(model, x)``: a model with ``log_likelihood(x) -> [B]`` and a
-batch for it. Third-party builders import their library inside, so that a missing one skips only its
-models (``REQUIRES`` names it).
+Each :class:`Case` builds ``(model, x)``: a model with ``log_likelihood(x) -> [B]`` and a batch for it.
+Third-party models import their library inside, so that a missing one skips only its models.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
-Builder = Callable[[torch.dtype], tuple[nn.Module, Tensor]]
 
 
 def _log_softmax_tokens(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -28,10 +26,10 @@ def _log_softmax_tokens(logits: Tensor, tokens: Tensor) -> Tensor:
 class LearnedScaleVAE(nn.Module):
     """A Gaussian decoder with a learned global ``log_sigma`` (a 0-dim parameter) used in the likelihood."""
 
-    def __init__(self, dim: int = 6, latent: int = 3) -> None:
+    def __init__(self, dim: int = 6, latent: int = 3, hidden: int = 5) -> None:
         super().__init__()
-        self.encoder = nn.Linear(dim, latent)
-        self.decoder = nn.Linear(latent, dim)
+        self.encoder = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.Tanh(), nn.Linear(hidden, dim))
         self.log_sigma = nn.Parameter(torch.tensor(-1.0))
 
     def log_likelihood(self, x: Tensor) -> Tensor:
@@ -78,10 +76,10 @@ class SharedPositionModel(nn.Module):
 class ConditionedDensity(nn.Module):
     """A Gaussian whose mean and scale come from a conditioning MLP run once on a fixed code."""
 
-    def __init__(self, dim: int = 4, code: int = 3) -> None:
+    def __init__(self, dim: int = 4, code: int = 3, hidden: int = 8) -> None:
         super().__init__()
         self.register_buffer("code", torch.randn(code))
-        self.condition = nn.Sequential(nn.Linear(code, 8), nn.Tanh(), nn.Linear(8, 2 * dim))
+        self.condition = nn.Sequential(nn.Linear(code, hidden), nn.Tanh(), nn.Linear(hidden, 2 * dim))
         self.body = nn.Linear(dim, dim)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
@@ -196,11 +194,15 @@ class UNet(nn.Module):
 class ZukoFlow(nn.Module):
     """zuko MAF or NSF (masked linear layers of the autoregressive hyper-networks)."""
 
-    def __init__(self, kind: str = "MAF", features: int = 4, hidden: tuple[int, ...] = (16, 16)) -> None:
+    def __init__(
+        self, kind: str = "MAF", features: int = 4, hidden: tuple[int, ...] = (16, 16), transforms: int = 2
+    ) -> None:
         super().__init__()
         import zuko
 
-        self.flow = getattr(zuko.flows, kind)(features=features, transforms=2, hidden_features=hidden)
+        self.flow = getattr(zuko.flows, kind)(
+            features=features, transforms=transforms, hidden_features=hidden
+        )
 
     def log_likelihood(self, x: Tensor) -> Tensor:
         return self.flow().log_prob(x)
@@ -210,13 +212,13 @@ class NormflowsRealNVP(nn.Module):
     """normflows: affine coupling with MLPs, ActNorm (batch-free log-determinant) and a trainable Gaussian
     base used through ``log_prob`` (outside any module call)."""
 
-    def __init__(self, dim: int = 4) -> None:
+    def __init__(self, dim: int = 4, hidden: int = 8, blocks: int = 2) -> None:
         super().__init__()
         import normflows as nf
 
         flows = []
-        for _ in range(2):
-            net = nf.nets.MLP([dim // 2, 8, dim], init_zeros=False)
+        for _ in range(blocks):
+            net = nf.nets.MLP([dim // 2, hidden, dim], init_zeros=False)
             flows += [nf.flows.AffineCouplingBlock(net), nf.flows.Permute(dim, mode="swap")]
             flows.append(nf.flows.ActNorm(dim))
         self.flow = nf.NormalizingFlow(nf.distributions.DiagGaussian(dim), flows)
@@ -233,43 +235,102 @@ def _normal(*shape: int, dtype: torch.dtype) -> Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
 
-def _build(
-    make: Callable[[], nn.Module], inputs: Callable[[torch.dtype], Tensor], warm_up: bool = False
-) -> Builder:
-    """A builder: the model made under seed 0 in ``dtype``, in eval mode (one forward first where the model
-    initialises itself from data, as normflows' ActNorm does)."""
+@dataclass(frozen=True)
+class Case:
+    """A model and a batch for it, at test size (tiny: float64 exactness checks) and at benchmark size
+    (a small model of realistic shapes: time and memory ratios); ``library`` is what it needs installed."""
 
-    def build(dtype: torch.dtype) -> tuple[nn.Module, Tensor]:
+    make: Callable[[], nn.Module]
+    inputs: Callable[[torch.dtype], Tensor]
+    bench_make: Callable[[], nn.Module]
+    bench_inputs: Callable[[torch.dtype], Tensor]
+    library: str | None = None
+    warm_up: bool = False  # one forward first, where the model initialises itself from data (normflows)
+
+    def build(self, dtype: torch.dtype, bench: bool = False) -> tuple[nn.Module, Tensor]:
+        """The model made under seed 0 in ``dtype`` and eval mode, and its batch."""
         torch.manual_seed(0)
-        model = make().to(dtype).eval()
-        x = inputs(dtype)
-        if warm_up:
+        model = (self.bench_make if bench else self.make)().to(dtype).eval()
+        x = (self.bench_inputs if bench else self.inputs)(dtype)
+        if self.warm_up:
             with torch.no_grad():
                 model.log_likelihood(x)
         return model, x
 
-    return build
 
-
-PATTERNS: dict[str, Builder] = {
-    "learned_scale_vae": _build(LearnedScaleVAE, lambda dt: _normal(6, 6, dtype=dt)),
-    "tied_tokens": _build(TiedTokenModel, lambda dt: _tokens(11, 9)),
-    "shared_position": _build(SharedPositionModel, lambda dt: _tokens(9, 8)),
-    "conditioned_density": _build(ConditionedDensity, lambda dt: _normal(6, 4, dtype=dt)),
-    "batch_free_logdet": _build(BatchFreeLogDetFlow, lambda dt: _normal(6, 2, 3, 3, dtype=dt)),
-    "learned_state": _build(LearnedStateModel, lambda dt: _normal(6, 3, 4, dtype=dt)),
+PATTERNS: dict[str, Case] = {
+    "learned_scale_vae": Case(
+        LearnedScaleVAE,
+        lambda dt: _normal(6, 6, dtype=dt),
+        lambda: LearnedScaleVAE(784, 32, 256),
+        lambda dt: _normal(64, 784, dtype=dt),
+    ),
+    "tied_tokens": Case(
+        TiedTokenModel,
+        lambda dt: _tokens(11, 9),
+        lambda: TiedTokenModel(256, 128, 64),
+        lambda dt: _tokens(256, 64, 32),
+    ),
+    "shared_position": Case(
+        SharedPositionModel,
+        lambda dt: _tokens(9, 8),
+        lambda: SharedPositionModel(256, 128, 64),
+        lambda dt: _tokens(256, 64, 32),
+    ),
+    "conditioned_density": Case(
+        ConditionedDensity,
+        lambda dt: _normal(6, 4, dtype=dt),
+        lambda: ConditionedDensity(256, 32, 256),
+        lambda dt: _normal(128, 256, dtype=dt),
+    ),
+    "batch_free_logdet": Case(
+        BatchFreeLogDetFlow,
+        lambda dt: _normal(6, 2, 3, 3, dtype=dt),
+        lambda: BatchFreeLogDetFlow(8),
+        lambda dt: _normal(64, 8, 28, 28, dtype=dt),
+    ),
+    "learned_state": Case(
+        LearnedStateModel,
+        lambda dt: _normal(6, 3, 4, dtype=dt),
+        lambda: LearnedStateModel(64),
+        lambda dt: _normal(64, 32, 64, dtype=dt),
+    ),
 }
-LIBRARIES: dict[str, Builder] = {
-    "transformers_gpt2": _build(GPT2, lambda dt: _tokens(40, 10)),
-    "diffusers_unet2d": _build(UNet, lambda dt: _normal(4, 1, 8, 8, dtype=dt)),
-    "zuko_maf": _build(lambda: ZukoFlow("MAF"), lambda dt: _normal(6, 4, dtype=dt)),
-    "zuko_nsf": _build(lambda: ZukoFlow("NSF"), lambda dt: _normal(6, 4, dtype=dt)),
-    "normflows_realnvp": _build(NormflowsRealNVP, lambda dt: _normal(6, 4, dtype=dt), warm_up=True),
-}
-REQUIRES = {
-    "transformers_gpt2": "transformers",
-    "diffusers_unet2d": "diffusers",
-    "zuko_maf": "zuko",
-    "zuko_nsf": "zuko",
-    "normflows_realnvp": "normflows",
+LIBRARIES: dict[str, Case] = {
+    "transformers_gpt2": Case(
+        GPT2,
+        lambda dt: _tokens(40, 10),
+        lambda: GPT2(vocab=512, layers=2, width=64, heads=4, positions=64),
+        lambda dt: _tokens(512, 32, 32),
+        library="transformers",
+    ),
+    "diffusers_unet2d": Case(
+        UNet,
+        lambda dt: _normal(4, 1, 8, 8, dtype=dt),
+        lambda: UNet((16, 32), 16),
+        lambda dt: _normal(16, 1, 16, 16, dtype=dt),
+        library="diffusers",
+    ),
+    "zuko_maf": Case(
+        lambda: ZukoFlow("MAF"),
+        lambda dt: _normal(6, 4, dtype=dt),
+        lambda: ZukoFlow("MAF", 16, (64, 64), 3),
+        lambda dt: _normal(64, 16, dtype=dt),
+        library="zuko",
+    ),
+    "zuko_nsf": Case(
+        lambda: ZukoFlow("NSF"),
+        lambda dt: _normal(6, 4, dtype=dt),
+        lambda: ZukoFlow("NSF", 16, (64, 64), 3),
+        lambda dt: _normal(64, 16, dtype=dt),
+        library="zuko",
+    ),
+    "normflows_realnvp": Case(
+        NormflowsRealNVP,
+        lambda dt: _normal(6, 4, dtype=dt),
+        lambda: NormflowsRealNVP(16, 64, 4),
+        lambda dt: _normal(64, 16, dtype=dt),
+        library="normflows",
+        warm_up=True,
+    ),
 }

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from ecosystem_models import LIBRARIES, PATTERNS, REQUIRES
+from ecosystem_models import LIBRARIES, PATTERNS
 from toy_models import naive_layer_norms
 
 from fimcb import per_sample_layer_norms
@@ -18,12 +18,12 @@ CASES = {**PATTERNS, **LIBRARIES}
 
 
 def _build(name: str, dtype: torch.dtype):
-    library = REQUIRES.get(name)
+    library = CASES[name].library
     if library is not None and importlib.util.find_spec(library) is None:
         if os.environ.get("FIMCB_REQUIRE_EXTRAS"):
             pytest.fail(f"{library} is not installed (pip install -e '.[test]')")
         pytest.skip(f"{library} is not installed")
-    return CASES[name](dtype)
+    return CASES[name].build(dtype)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

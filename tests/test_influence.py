@@ -81,8 +81,9 @@ def _dense_inverses(kind: str, metric: Metric, model: nn.Module, fit_x: Tensor) 
             continue
         elif kind == "kfac" and name in owners:
             layer = owners[name]
-            a_d, g_d = damped(factors.a[layer].double(), factors.g[layer].double(), DAMPING)
-            fisher = g_d if name.endswith("bias") else torch.kron(g_d, a_d)  # row-major vec: G ⊗ A
+            a = factors.a[layer].double() if not name.endswith("bias") else torch.ones(1, 1, dtype=F64)
+            a_d, g_d = damped(a, factors.g[layer].double(), DAMPING)
+            fisher = torch.kron(g_d, a_d)  # row-major vec: G ⊗ A (a bias: an input fixed at 1)
         else:  # layer_scalar, and K-FAC's fallback
             fisher = mean_diagonal * eye
         inverses[name] = torch.linalg.inv(fisher)

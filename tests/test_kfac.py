@@ -169,10 +169,12 @@ def expected_norms(ref: Reference, scores: Reference, owners: dict[str, Layer], 
             lam = ref.grads[name].double().flatten(1).pow(2).sum(1).mean() / ref.grads[name][0].numel()
             columns.append(s.flatten(1).pow(2).sum(1) / lam)
             continue
-        a_d, g_d = damped(ref.a[owners[name]].double(), ref.g[owners[name]].double(), damping)
-        if s.ndim == 2:  # bias: bᵀ G_d⁻¹ b
-            columns.append((s * torch.linalg.solve(g_d, s.T).T).sum(1))
+        g = ref.g[owners[name]].double()
+        if s.ndim == 2:  # bias: an input fixed at 1, A = 1 (its own π): bᵀ (A_d ⊗ G_d)⁻¹ b
+            a_d, g_d = damped(torch.ones(1, 1, dtype=g.dtype), g, damping)
+            columns.append((s * torch.linalg.solve(g_d, s.T).T).sum(1) / a_d[0, 0])
             continue
+        a_d, g_d = damped(ref.a[owners[name]].double(), g, damping)
         flat = s.reshape(s.shape[0], -1)  # row-major vec of S [out, in·k]: the block is G ⊗ A
         dense = torch.kron(g_d, a_d)
         columns.append((flat * torch.linalg.solve(dense, flat.T).T).sum(1))
@@ -189,7 +191,8 @@ def check_model(model: nn.Module, batches: list[Tensor], score: Tensor, owners: 
     ref = reference(model, batches, owners)
     for name, layer in owners.items():
         a, g = kfac.factors(name)
-        torch.testing.assert_close(a.double(), ref.a[layer].double(), rtol=1e-8, atol=1e-10)
+        want_a = ref.a[layer].double() if not name.endswith("bias") else torch.ones(1, 1, dtype=torch.float64)
+        torch.testing.assert_close(a.double(), want_a, rtol=1e-8, atol=1e-10)
         torch.testing.assert_close(g.double(), ref.g[layer].double(), rtol=1e-8, atol=1e-10)
     expected = expected_norms(ref, reference(model, [score], owners), owners, kfac.damping)
     for engine in ENGINES:
@@ -344,7 +347,9 @@ def test_fit_split_over_ranks_equals_single_process(monkeypatch: pytest.MonkeyPa
     assert not recorded
     monkeypatch.undo()
     single = KFAC(n_samples=100).fit(model, batches).state_dict()
-    torch.testing.assert_close(split["factors"], single["factors"])
+    for name, block in single["factors"].items():
+        for key in ("A", "G"):
+            torch.testing.assert_close(split["factors"][name][key], block[key])
     assert split["scales"] == pytest.approx(single["scales"])
 
 
@@ -409,7 +414,7 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="non-finite"):
         fitted(model, [torch.full((4, 3), math.nan)])
     state = kfac.state_dict()
-    state["factors"]["linear"]["A"] = torch.full_like(state["factors"]["linear"]["A"], math.inf)
+    state["factors"]["linear.weight"]["A"] = torch.full_like(state["factors"]["linear.weight"]["A"], math.inf)
     with pytest.raises(ValueError, match="non-finite"):
         KFAC().load_state_dict(state)
     with pytest.raises(ValueError, match="missing"):

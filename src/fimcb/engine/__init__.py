@@ -8,7 +8,7 @@ from fimcb.engine.api import (
     per_sample_layer_norms,
     trainable_parameters,
 )
-from fimcb.engine.capture import Capture, Route, UnsupportedModelError
+from fimcb.engine.capture import Capture, Route, UnsupportedModelError, describe_routes
 
 __all__ = [
     "Capture",
@@ -17,6 +17,7 @@ __all__ = [
     "Route",
     "UnsupportedModelError",
     "capture_factors",
+    "describe_routes",
     "per_sample_gradients",
     "per_sample_layer_norms",
     "trainable_parameters",

@@ -21,26 +21,34 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from fimcb.core.metric import Identity
 from fimcb.core.protocol import check_log_likelihood_output
-from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor
+from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor, Spanned
 from fimcb.engine.func import subset_gradients
 from fimcb.engine.local import per_sample_vjp
 from fimcb.engine.rules import Call, Rule, rule_for, rule_version
 from fimcb.engine.rules.ops import LocalOpRule, OpCall
-from fimcb.engine.tracker import BatchTracker, Kind, TrackerState, tensors_in
+from fimcb.engine.tracker import (
+    BatchTracker,
+    Kind,
+    TrackerState,
+    as_weight_like,
+    light_tracking,
+    tensors_in,
+)
 from fimcb.engine.types import NormRequest
 
 log = logging.getLogger("fimcb")
@@ -63,7 +71,15 @@ class UnsupportedModelError(RuntimeError):
 
 
 class _Replan(Exception):
-    """The untracked plan met something only the tracker can handle: capture again with it."""
+    """The plan's tracking met something it cannot handle, or failed its check: capture with more."""
+
+
+class Tracking(enum.Enum):
+    """How much of a forward pass the batch tracker watches (:mod:`fimcb.engine.tracker`)."""
+
+    FULL = "full"  # every tensor labelled by data flow: a model's first batch, and where less fails
+    LIGHT = "light"  # weight-like tensors only, batched ones by their shape
+    NONE = "none"  # module hooks only (module calls on unit batches expanded to the batch)
 
 
 @dataclass
@@ -72,8 +88,10 @@ class _Plan:
 
     key: tuple[int, ...]
     owners: list[tuple[nn.Module, dict[str, str], list[int]]]  # module, local -> global name, own ids
-    tracked: bool = True  # run under the batch tracker (a model's first batch is: it finds what needs it)
-    always_tracked: bool = False  # an untracked capture met what only the tracker handles
+    tracking: Tracking = Tracking.FULL  # a model's first batch runs fully tracked: it finds what needs it
+    settled: bool = False  # the tracking was chosen after a lighter one failed: no lighter again
+    free: set[str] = field(default_factory=set)  # parameters used outside their modules (light tracking)
+    fixed: frozenset[int] = frozenset()  # ids of the model's parameters and buffers (light tracking)
     copy_outputs: bool = False  # give the model copies of captured outputs (in-place changes later)
     verified: bool = False
     fallback: dict[str, str] = field(default_factory=dict)  # parameter -> why it is served by torch.func
@@ -120,7 +138,7 @@ class _ModuleCall:
     outputs: list[Tensor]
     rows: list[int | None]
     sources: list[int | None]  # pull-back source of each shared output
-    forward: _Forward
+    input_rows: Callable[[Any], int | None]  # rows per sample of an input (``None``: shared)
     expanded: bool = False  # called on unit-batch inputs, its outputs expanded to the batch
     grads: list[Tensor | None] = field(default_factory=list)
 
@@ -140,25 +158,30 @@ class Capture:
     Attributes:
         factors: one factor per parameter, by global name.
         log_likelihood: ``[B]`` per-sample log-likelihoods.
-        pairs: bias -> weight of the same layer call (K-FAC damps them together).
     """
 
     factors: dict[str, Factor]
     log_likelihood: Tensor
-    pairs: dict[str, str]
 
 
 class _Forward:
     """Hooks (and the tracker) for one forward pass."""
 
-    def __init__(
-        self, plan: _Plan, params: dict[str, nn.Parameter], batch: int, x: Tensor, tracked: bool
-    ) -> None:
+    def __init__(self, plan: _Plan, params: dict[str, nn.Parameter], batch: int, x: Tensor) -> None:
         self.plan = plan
         self.batch = batch
-        self.tracked = tracked
-        self.state = TrackerState(batch, {id(p): n for n, p in params.items()}, plan.copy_outputs)
+        self.tracked = tracked = plan.tracking is not Tracking.NONE
+        light = plan.tracking is Tracking.LIGHT
+        self.state = TrackerState(
+            batch,
+            {id(p): n for n, p in params.items()},
+            plan.copy_outputs,
+            light,
+            plan.fixed if light else frozenset(),
+        )
         self.calls: list[_ModuleCall] = []
+        # what a call needs of this pass, without a reference back to it (no cycle keeps tensors alive)
+        self.input_rows = functools.partial(_input_rows, self.state, batch, tracked)
         if tracked:
             self.state.label(x, Kind.BATCHED)
 
@@ -170,11 +193,23 @@ class _Forward:
                 handles.append(module.register_forward_pre_hook(self._make_enter(own)))
             handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
         try:
-            with BatchTracker(self.state) if self.tracked else contextlib.nullcontext():
+            with self._tracker():
                 yield
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _tracker(self) -> contextlib.AbstractContextManager[Any]:
+        tracking = self.plan.tracking
+        if tracking is Tracking.FULL:
+            return BatchTracker(self.state)
+        if tracking is Tracking.LIGHT:
+            free = {
+                module: [n for n, g in local.items() if g in self.plan.free]
+                for module, local, _ in self.plan.owners
+            }
+            return light_tracking(self.state, {m: names for m, names in free.items() if names})
+        return contextlib.nullcontext()
 
     def _make_enter(self, own: list[int]) -> Any:
         covered = self.state.covered
@@ -209,6 +244,22 @@ class _Forward:
             return None
         state, batch = self.state, self.batch
         expanded = False
+        if not self.tracked and all(t.ndim and t.shape[0] == batch for t in outputs):  # the common case
+            state.versions.extend((t, t._version) for t in outputs)
+            self.calls.append(
+                _ModuleCall(
+                    module,
+                    local,
+                    args,
+                    kwargs,
+                    output,
+                    outputs,
+                    [1] * len(outputs),
+                    [None] * len(outputs),
+                    self.input_rows,
+                )
+            )
+            return self._copies(output, outputs) if self.plan.copy_outputs else None
         if self.tracked:
             from_data = any(state.kind(t) is Kind.BATCHED for t in tensors_in((args, kwargs)))
             rows = [self._output_rows(t, from_data) for t in outputs]
@@ -222,37 +273,41 @@ class _Forward:
             rows = [1] * len(outputs)
         index = len(self.calls)
         sources: list[int | None] = []
+        shared: dict[int, Tensor] = {}
         for j, (t, r) in enumerate(zip(outputs, rows, strict=True)):
             if r is None:  # shared by all samples: a weight-like tensor whose gradient comes by pull-back
                 source = state.new_source(t, ("output", (index, j)))
                 inherited = state.sources_of(t) if state.kind(t) is Kind.WEIGHT else frozenset()
-                state.label(t, Kind.WEIGHT, inherited | {source})
+                if state.light:  # its uses must come back to the light tracker
+                    shared[id(t)] = as_weight_like(t)
+                state.label(shared.get(id(t), t), Kind.WEIGHT, inherited | {source})
                 sources.append(source)
             else:
                 state.label(t, Kind.BATCHED)
                 sources.append(None)
                 state.versions.append((t, t._version))
         self.calls.append(
-            _ModuleCall(module, local, args, kwargs, output, outputs, rows, sources, self, expanded)
+            _ModuleCall(
+                module, local, args, kwargs, output, outputs, rows, sources, self.input_rows, expanded
+            )
         )
+        if shared:
+            flat, spec = tree_flatten(output)
+            output = tree_unflatten([shared.get(id(t), t) for t in flat], spec)
         if not self.plan.copy_outputs:
-            return output if expanded else None
+            return output if expanded or shared else None
+        return self._copies(output, outputs)
+
+    def _copies(self, output: Any, outputs: list[Tensor]) -> Any:
+        """The output with the captured tensors copied (labelled like them), for the rest of the model."""
         flat, spec = tree_flatten(output)
-        for i, t in enumerate(flat):  # the model continues with copies, labelled like the originals
+        for i, t in enumerate(flat):
             if any(t is o for o in outputs):
-                mark = state.mark(t)
+                mark = self.state.mark(t)
                 flat[i] = t.clone()
                 if mark is not None:
-                    state.label(flat[i], mark.kind, mark.sources)
+                    self.state.label(flat[i], mark.kind, mark.sources)
         return tree_unflatten(flat, spec)
-
-    def input_rows(self, t: Any) -> int | None:
-        """Rows per sample of a module input (``None`` for one shared by all samples)."""
-        if not isinstance(t, Tensor):
-            return None
-        if self.tracked:
-            return self.state.rows(t)
-        return 1 if t.ndim and t.shape[0] == self.batch else None
 
     def _output_rows(self, t: Tensor, from_data: bool) -> int | None:
         """Rows per sample of a module output: a call on batched data gives ``B·m`` rows; a call on
@@ -272,27 +327,43 @@ def capture(request: NormRequest, x: Tensor) -> Capture:
     """
     model, params = request.model, request.params
     plan = plan_for(model, params)
-    for _ in range(5):
+    for _ in range(6):
         verifying = not plan.verified
         try:
             result, needs_tracker = _capture(request, plan, x, verifying)
         except _Replan as why:
+            lighter = plan.tracking is Tracking.NONE
+            plan.tracking = Tracking.LIGHT if lighter else Tracking.FULL
+            plan.settled, plan.verified = not lighter, False
             log.info(
-                "fimcb: %s; %s is captured with the batch tracker from now on", why, type(model).__name__
+                "fimcb: %s; %s is captured with %s tracking", why, type(model).__name__, plan.tracking.value
             )
-            plan.tracked = plan.always_tracked = True
-            plan.verified = False
             continue
         except _InPlace:  # a later in-place operation changed a captured output: capture behind copies
             plan.copy_outputs, plan.verified = True, False
             continue
         if verifying:
             plan.verified = True
-            log.info("fimcb hooks engine on %s: %s", type(model).__name__, describe(plan))
-            if plan.tracked and not needs_tracker and not plan.always_tracked:
-                plan.tracked, plan.verified = False, False  # the next batch checks the untracked capture
+            if (
+                plan.tracking is Tracking.FULL and not plan.settled
+            ):  # discovered: next, the lightest that serves
+                log.info("fimcb hooks engine on %s: %s", type(model).__name__, describe(plan))
+                outside = {Route.OP_RULE, Route.OP_LOCAL, Route.PULLBACK}
+                plan.free = {n for n, routes in plan.routes.items() if routes & outside and n in params}
+                plan.fixed = frozenset(id(t) for t in (*model.parameters(), *model.buffers()))
+                plan.tracking = Tracking.LIGHT if needs_tracker else Tracking.NONE
+                plan.verified = False
         return result
     raise UnsupportedModelError(f"cannot settle how to capture {type(model).__name__}")
+
+
+def _input_rows(state: TrackerState, batch: int, tracked: bool, t: Any) -> int | None:
+    """Rows per sample of a module input (``None`` for one shared by all samples)."""
+    if not isinstance(t, Tensor):
+        return None
+    if tracked:
+        return state.rows(t)
+    return 1 if t.ndim and t.shape[0] == batch else None
 
 
 def _expand_outputs(output: Any, outputs: list[Tensor], batch: int) -> tuple[Any, list[Tensor]]:
@@ -320,8 +391,7 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     :class:`_Replan`."""
     params = request.params
     batch = x.shape[0]
-    tracked = plan.tracked
-    forward = _Forward(plan, params, batch, x, tracked)
+    forward = _Forward(plan, params, batch, x)
     with forward.running():
         ll = check_log_likelihood_output(request.log_likelihood(x), batch)
     state = forward.state
@@ -345,16 +415,16 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     pullback = _op_factors(forward, grads[len(targets) : len(targets) + len(op_targets)], found, failed)
     if pullback:
         _pull_back(forward, pullback, found, failed)
-    pairs = _module_factors(forward, found, failed)
+    _module_factors(forward, found, failed)
     served = [n for n in params if n not in plan.fallback and n not in failed]
-    if not tracked and any(n not in found for n in served):
+    if plan.tracking is Tracking.NONE and any(n not in found for n in served):
         raise _Replan(
             f"parameters {[n for n in served if n not in found][:5]} were not used inside their module"
         )
     factors = {n: Factor.combine(found[n]) if found[n] else _zeros(params[n], batch) for n in served}
     if verify:
         failed.update(_verify(request, factors, grads[len(wanted) - len(params) :], x, ll))
-    if failed and not tracked:
+    if failed and plan.tracking is not Tracking.FULL:
         raise _Replan(
             f"without the tracker, {', '.join(f'{n} ({why})' for n, why in list(failed.items())[:3])}"
         )
@@ -371,7 +441,16 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
         for c in forward.calls
         for t, r in zip(c.outputs, c.rows, strict=True)
     )
-    return Capture({n: factors[n] for n in params}, ll.detach(), pairs), needs_tracker
+    return Capture({n: factors[n] for n in params}, ll.detach()), needs_tracker
+
+
+def _detached(t: Any) -> Any:
+    """``t`` without its graph: a tensor detached, a container of tensors rebuilt from detached ones."""
+    if isinstance(t, Tensor):
+        return t.detach()
+    if isinstance(t, list | tuple | dict):
+        return tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf, t)
+    return t
 
 
 def _unit_leading(t: Tensor) -> bool:
@@ -407,7 +486,9 @@ def _op_factors(
         op_grads = grads[start : start + len(op.targets)]
         start += len(op.targets)
         try:
-            factors = rule.factors(op, op_grads)
+            op.leaves = [_detached(t) for t in op.leaves]  # the rules read values; the graph stays behind
+            with torch.no_grad() if not isinstance(rule, LocalOpRule) else contextlib.nullcontext():
+                factors = rule.factors(op, op_grads)
         except Exception as err:  # op-local torch.func cannot split this function by sample
             for w in op.weights.values():
                 for name in _parameters_behind(forward, w):
@@ -416,9 +497,9 @@ def _op_factors(
         route = Route.OP_LOCAL if isinstance(rule, LocalOpRule) else Route.OP_RULE
         for position, factor in factors.items():
             w = op.weights[position]
-            name = state.params.get(id(w))
+            name = state.parameter(w)
             mark = state.mark(w)
-            if name is not None and mark is None:
+            if name is not None:
                 found[name].append(factor)
                 plan.routes[name].add(route)
             elif mark is not None and mark.transpose_of is not None:
@@ -435,95 +516,141 @@ def _pull_back(
     found: dict[str, list[Factor]],
     failed: dict[str, str],
 ) -> None:
-    """Per-sample gradients of the sources (parameters, shared module outputs) of weight-like operands,
-    by one batched vector-Jacobian product over the parameter-only part of the graph."""
+    """Per-sample gradients of the sources (parameters, shared module outputs) of weight-like operands, by
+    batched vector-Jacobian products over the parameter-only part of the graph: of every sample's
+    cotangents, or, where the operands have fewer coordinates than the batch has samples (a scalar
+    log-determinant, a learned scale), of a basis of their coordinates, then combined per sample."""
     state, batch = forward.state, forward.batch
     wanted = sorted(set().union(*(state.sources_of(w) for w, _ in items)))
     inputs = [state.sources[i] for i in wanted]
-    size = sum(w.numel() for w, _ in items) + sum(t.numel() for t in inputs)
-    step = max(1, min(batch, MATERIALISE_BUDGET // max(1, size)))
-    parts: list[list[Tensor | None]] = []
+    few = [(w, f) for w, f in items if w.numel() <= batch]  # scalars, small vectors: by a basis
+    many = [(w, f) for w, f in items if w.numel() > batch]
+    grads: list[list[Factor]] = [[] for _ in inputs]
     try:
-        for s in range(0, batch, step):
-            rows = slice(s, min(s + step, batch))
-            cotangents = [f.dense(rows).reshape(-1, *w.shape) for w, f in items]
-            parts.append(
-                list(
-                    torch.autograd.grad(
-                        [w for w, _ in items],
-                        inputs,
-                        cotangents,
-                        retain_graph=True,
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )
-                )
-            )
+        for group, by_basis in ((few, True), (many, False)):
+            if group:
+                pull = _pull_back_by_basis if by_basis else _pull_back_per_sample
+                for parts, factor in zip(grads, pull(group, inputs, batch), strict=True):
+                    if factor is not None:
+                        parts.append(factor)
     except Exception as err:
         for i in wanted:
             for name in _parameters_of_source(forward, i):
                 failed.setdefault(name, f"the pull-back to it failed: {_first_line(err)}")
         return
-    sizes = [min(step, batch - s) for s in range(0, batch, step)]
-    for j, i in enumerate(wanted):
-        t = inputs[j]
-        g = torch.cat(
-            [
-                part[j] if part[j] is not None else torch.zeros(n, *t.shape, dtype=t.dtype, device=t.device)
-                for part, n in zip(parts, sizes, strict=True)
-            ]
-        ).detach()
+    for i, t, parts in zip(wanted, inputs, grads, strict=True):
         kind, key = state.source_keys[i]
         if kind == "param":
-            found[key].append(Dense(g))
+            found[key].extend(parts)
             forward.plan.routes[key].add(Route.PULLBACK)
-        else:
-            call_index, output_index = key
-            forward.calls[call_index].grads[output_index] = g
+        else:  # a module output's per-sample gradients, for its rule or module-local torch.func
+            dense = [f.dense(slice(None)).reshape(batch, *t.shape) for f in parts]
+            forward.calls[key[0]].grads[key[1]] = (
+                sum(dense) if dense else torch.zeros(batch, *t.shape, dtype=t.dtype)
+            )
 
 
-def _module_factors(
-    forward: _Forward, found: dict[str, list[Factor]], failed: dict[str, str]
-) -> dict[str, str]:
-    """Factors of every module call's own parameters; the bias -> weight pairs of rule-served calls."""
+def _pull_back_by_basis(
+    items: list[tuple[Tensor, Factor]], inputs: list[Tensor], batch: int
+) -> list[Factor | None]:
+    """The inputs' per-sample gradients from the Jacobian rows of the operands' coordinates, combined with
+    each sample's cotangent: as many backward passes as coordinates, not samples."""
+    outputs = [w for w, _ in items]
+    coordinates = sum(w.numel() for w in outputs)
+    basis = torch.eye(coordinates, dtype=outputs[0].dtype, device=outputs[0].device)
+    splits = basis.split([w.numel() for w in outputs], dim=1)
+    cotangents = [b.reshape(-1, *w.shape) for b, w in zip(splits, outputs, strict=True)]
+    jacobian = _batched_vjp(outputs, inputs, cotangents)
+    weights = torch.cat([f.dense(slice(None)).reshape(batch, -1) for _, f in items], dim=1)
+    return [None if g is None else Spanned(weights.detach(), g.detach()) for g in jacobian]
+
+
+def _pull_back_per_sample(
+    items: list[tuple[Tensor, Factor]], inputs: list[Tensor], batch: int
+) -> list[Factor | None]:
+    """The inputs' per-sample gradients by a vector-Jacobian product batched over the samples' cotangents,
+    in chunks that bound memory."""
+    outputs = [w for w, _ in items]
+    size = sum(w.numel() for w in outputs) + sum(t.numel() for t in inputs)
+    step = max(1, min(batch, MATERIALISE_BUDGET // max(1, size)))
+    parts = [
+        _batched_vjp(outputs, inputs, [f.dense(slice(s, s + step)).reshape(-1, *w.shape) for w, f in items])
+        for s in range(0, batch, step)
+    ]
+    rows = [_cat_rows([p[j] for p in parts], t, batch, step) for j, t in enumerate(inputs)]
+    return [None if g is None else Dense(g.detach()) for g in rows]
+
+
+def _batched_vjp(
+    outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor]
+) -> list[Tensor | None]:
+    """``[n, *input.shape]`` vector-Jacobian products for ``n`` stacked cotangents of every output."""
+    if cotangents[0].shape[0] == 1:  # one: a plain backward, no vmap
+        found = torch.autograd.grad(
+            outputs, inputs, [c[0] for c in cotangents], retain_graph=True, allow_unused=True
+        )
+        return [None if g is None else g.unsqueeze(0) for g in found]
+    return list(
+        torch.autograd.grad(
+            outputs, inputs, cotangents, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    )
+
+
+def _cat_rows(parts: list[Tensor | None], like: Tensor, batch: int, step: int) -> Tensor | None:
+    """Chunks of per-sample rows concatenated, an absent chunk (no path to ``like``) as zeros."""
+    if all(p is None for p in parts):
+        return None
+    sizes = [min(step, batch - s) for s in range(0, batch, step)]
+    return torch.cat(
+        [p if p is not None else like.new_zeros(n, *like.shape) for p, n in zip(parts, sizes, strict=True)]
+    )
+
+
+def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: dict[str, str]) -> None:
+    """Factors of every module call's own parameters: by the module's rule where it has one and the call's
+    outputs are all batched or all shared, else (or if the rule fails) module-local ``torch.func``;
+    parameters neither can serve are noted in ``failed``."""
     batch, plan = forward.batch, forward.plan
-    pairs: dict[str, str] = {}
     for call in forward.calls:
-        module = call.module
         grads = [
             g if g is not None else torch.zeros(batch, *t.shape, dtype=t.dtype, device=t.device)
             for t, g in zip(call.outputs, call.grads, strict=True)
         ]
-        rule = rule_for(module)
-        try:
-            if rule is not None and call.expanded:
-                factors = rule.factors(_expanded(call, grads, batch))
-                route = Route.RULE
-            elif rule is not None and call.batched and len(set(call.rows)) == 1:
-                factors = _by_rule(rule, call, grads)
-                route = Route.RULE
-            elif rule is not None and call.shared:
-                factors = rule.factors(_expanded(call, grads, batch))
-                route = Route.RULE
-            else:
-                factors = _module_local(call, grads, batch)
-                route = Route.MODULE_LOCAL
-        except Exception as err:
+        rule = rule_for(call.module)
+        routes = [(Route.RULE, _by_rule)] if rule is not None and (call.shared or call.batched) else []
+        routes.append((Route.MODULE_LOCAL, _module_local))
+        errors = []
+        for route, compute in routes:
+            try:
+                factors = compute(rule, call, grads, batch)
+                break
+            except Exception as err:
+                errors.append(f"{route.value}: {_first_line(err)}")
+        else:
             for name in call.local.values():
-                failed.setdefault(name, f"{type(module).__name__}: {_first_line(err)}")
+                failed.setdefault(name, f"{type(call.module).__name__} ({'; '.join(errors)})")
             continue
         for local, factor in factors.items():
             found[call.local[local]].append(factor)
             plan.routes[call.local[local]].add(route)
-        if route is Route.RULE and "bias" in factors and "weight" in factors:
-            pairs[call.local["bias"]] = call.local["weight"]
-    return pairs
 
 
-def _by_rule(rule: Rule, call: _ModuleCall, grads: list[Tensor]) -> dict[str, Factor]:
-    """The rule's factors of a batched call (``m`` rows per sample are summed into each sample's)."""
+def _by_rule(rule: Rule | None, call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[str, Factor]:
+    """The rule's factors of a call: a batched one as it is (``m`` rows per sample summed into each
+    sample's), one made once for the batch as if made for every sample."""
+    assert rule is not None
+    if len(set(call.rows)) > 1:
+        raise ValueError("outputs with different rows per sample")
+    if call.expanded or call.shared:
+        presented = _expanded(call, grads, batch)
+    else:
+        args = tuple(_detached(a) for a in call.args)
+        kwargs = {k: _detached(v) for k, v in call.kwargs.items()}
+        presented = Call(call.module, args, kwargs, [t.detach() for t in call.outputs], grads)
+    with torch.no_grad():  # rules compute from captured tensors: nothing of theirs needs a graph
+        factors = rule.factors(presented)
     rows = call.rows[0] or 1
-    factors = rule.factors(Call(call.module, call.args, call.kwargs, call.outputs, grads))
     return {n: f.groups(rows) for n, f in factors.items()} if rows > 1 else factors
 
 
@@ -549,7 +676,7 @@ def _expanded(call: _ModuleCall, grads: list[Tensor], batch: int) -> Call:
     return Call(call.module, tuple(args), kwargs, [expand(t) for t in call.outputs], shaped)
 
 
-def _module_local(call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[str, Factor]:
+def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[str, Factor]:
     """Per-sample gradients of a module's own parameters by ``torch.func`` on that module alone."""
     module = call.module
     own = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in call.local}
@@ -562,7 +689,7 @@ def _module_local(call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[st
         args, kwargs = tree_unflatten(sample_leaves, spec)
         return functional_call(module, p, tuple(args), kwargs)
 
-    batched = [call.forward.input_rows(t) is not None for t in leaves]
+    batched = [call.input_rows(t) is not None for t in leaves]
     leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
     output_grads = [(i, g, r is not None) for i, g, r in zip(positions, grads, call.rows, strict=True)]
     return {n: Dense(g) for n, g in per_sample_vjp(piece, own, leaves, batched, output_grads, batch).items()}
@@ -570,8 +697,8 @@ def _module_local(call: _ModuleCall, grads: list[Tensor], batch: int) -> dict[st
 
 def _parameters_behind(forward: _Forward, w: Tensor) -> set[str]:
     state = forward.state
-    name = state.params.get(id(w))
-    if name is not None and state.mark(w) is None:
+    name = state.parameter(w)
+    if name is not None:
         return {name}
     return {n for i in state.sources_of(w) for n in _parameters_of_source(forward, i)}
 
@@ -636,6 +763,13 @@ def _verify(
                     f"per-sample gradients differ from a backward of one sample ({got:.4g} vs {want:.4g})"
                 )
     return failed
+
+
+def describe_routes(model: nn.Module) -> str:
+    """How the hooks backend serves ``model``'s parameters (the INFO line of its first batch), or an empty
+    string before it has captured the model."""
+    plan = _PLANS.get(model)
+    return describe(plan) if plan is not None else ""
 
 
 def describe(plan: _Plan) -> str:

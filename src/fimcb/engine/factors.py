@@ -78,6 +78,15 @@ class Factor(ABC):
         """The factor of the transposed matrix (a parameter used as ``W.T``)."""
         return _Lazy(self, lambda g: g.transpose(1, 2))
 
+    def outer(self) -> OuterSum | None:
+        """The outer-product form ``Σ_t u_t v_tᵀ`` of these gradients where the layer has one (K-FAC reads
+        its rows)."""
+        return None
+
+    #: Whether several uses of a parameter combine by concatenating the positions of their outer forms
+    #: (cheap where the form is already at hand; not for a bias or a convolution normed another way).
+    concatenates = False
+
     def squared_norms(self, name: str, metric: Metric, shape: torch.Size) -> Tensor:
         """``[G]`` squared norms under ``metric``, by a shortcut where the metric's form allows one."""
         weights = metric.inverse_diagonal(name)
@@ -104,12 +113,13 @@ class Factor(ABC):
         """One factor for a parameter used several times in the forward pass (calls, tied modules)."""
         if len(factors) == 1:
             return factors[0]
-        outer = [f for f in factors if isinstance(f, OuterSum)]
-        if len(outer) == len(factors) and all(f.same_layout(outer[0]) for f in outer):
+        outer = [f.outer() if f.concatenates else None for f in factors]
+        if all(o is not None for o in outer) and all(o.same_layout(outer[0]) for o in outer):  # type: ignore[union-attr]
             first = outer[0]
+            assert first is not None
             return OuterSum(
-                torch.cat([f.u for f in outer], 1),
-                torch.cat([f.v for f in outer], 1),
+                torch.cat([f.u for f in outer], 1),  # type: ignore[union-attr]
+                torch.cat([f.v for f in outer], 1),  # type: ignore[union-attr]
                 first.route,
                 first.input_side,
             )
@@ -128,6 +138,7 @@ class OuterSum(Factor):
     v: Tensor
     route: NormRoute = NormRoute.AUTO
     input_side: Literal["u", "v"] = "v"
+    concatenates = True
 
     @property
     def n_groups(self) -> int:
@@ -170,6 +181,9 @@ class OuterSum(Factor):
     def transposed(self) -> OuterSum:
         return OuterSum(self.v, self.u, self.route, "u" if self.input_side == "v" else "v")
 
+    def outer(self) -> OuterSum:
+        return self
+
     def ghost_norms(self) -> Tensor | None:
         t, p, q = self.u.shape[1], self.u.shape[2], self.v.shape[2]
         if t == 1:  # ||u vᵀ||² = ||u||² ||v||²
@@ -181,6 +195,8 @@ class OuterSum(Factor):
         return (gram_u * gram_v).sum((1, 2))
 
     def ghost_inner(self, other: Factor) -> Tensor | None:
+        if isinstance(other, Spanned):
+            return other.ghost_inner(self)
         if isinstance(other, OuterSum) and self.same_layout(other):
             cross_u = torch.bmm(self.u, other.u.transpose(1, 2))  # [G, T, S]
             cross_v = torch.bmm(self.v, other.v.transpose(1, 2))
@@ -299,6 +315,9 @@ class Masked(Factor):
     def ghost_norms(self) -> Tensor | None:  # M ⊙ M = M: the masked norm is a diagonal norm
         return self.inner.diagonal_norms(self.mask.float())
 
+    def outer(self) -> OuterSum | None:  # K-FAC's statistics are those of the unmasked layer
+        return self.inner.outer()
+
 
 @dataclass
 class Sum(Factor):
@@ -336,6 +355,61 @@ class Sum(Factor):
 
 
 @dataclass
+class Spanned(Factor):
+    """``G_g = Σ_k c_{g,k} J_k``: per-sample gradients in the span of fixed directions ``J`` ``[K, *shape]``
+    (the Jacobian rows of a scalar log-determinant or a learned scale, weighted by each sample's cotangent
+    ``c`` ``[G, K]``). Norms come from the ``K × K`` Gram matrix of the directions."""
+
+    coef: Tensor
+    basis: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.coef.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.coef.device
+
+    def groups(self, group_size: int) -> Spanned:
+        g = self.coef.shape[0] // group_size
+        return Spanned(self.coef[: g * group_size].reshape(g, group_size, -1).sum(1), self.basis)
+
+    def dense(self, rows: slice) -> Tensor:
+        flat = self.coef[rows].to(self.basis.dtype) @ self.basis.reshape(self.basis.shape[0], -1)
+        return flat.reshape(-1, *self.basis.shape[1:])
+
+    def total(self) -> Tensor:
+        return (self.coef.sum(0).to(self.basis.dtype) @ self.basis.reshape(self.basis.shape[0], -1)).reshape(
+            self.basis.shape[1:]
+        )
+
+    def _quadratic(self, gram: Tensor) -> Tensor:
+        c = self.coef.to(gram.dtype)
+        return ((c @ gram) * c).sum(1)
+
+    def ghost_norms(self) -> Tensor:
+        flat = self.basis.reshape(self.basis.shape[0], -1)
+        return self._quadratic(flat @ flat.T)
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor:
+        flat = self.basis.reshape(self.basis.shape[0], -1)
+        return self._quadratic((flat * weights.reshape(1, -1).to(flat.dtype)) @ flat.T)
+
+    def ghost_inner(self, other: Factor) -> Tensor | None:
+        outer = other.outer() if other.concatenates else None
+        if (
+            outer is None
+            or self.basis.ndim != 3
+            or self.basis.shape[1:] != (outer.u.shape[2], outer.v.shape[2])
+        ):
+            return None
+        # <Σ_k c_k J_k, Σ_t u_t v_tᵀ> = Σ_k c_k Σ_t u_tᵀ J_k v_t
+        products = torch.einsum("gtp,kpq,gtq->gk", outer.u, self.basis.to(outer.u.dtype), outer.v)
+        return (products * self.coef.to(products.dtype)).sum(1)
+
+
+@dataclass
 class _Lazy(Factor):
     """A factor seen through a per-group reshaping of its dense gradients (a transpose, a view)."""
 
@@ -358,6 +432,40 @@ class _Lazy(Factor):
 
     def ghost_norms(self) -> Tensor | None:  # a permutation of entries keeps the Euclidean norm
         return self.inner.ghost_norms()
+
+
+@dataclass
+class BiasSum(Factor):
+    """A bias's per-sample gradients ``G_g = Σ_t u_{g,t}`` over the positions of its layer, ``u``
+    ``[G, T, p]``: a layer whose input is fixed at 1, which is how K-FAC sees it (:meth:`outer`)."""
+
+    u: Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return self.u.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.u.device
+
+    def groups(self, group_size: int) -> BiasSum:
+        return BiasSum(_group_positions(self.u, group_size))
+
+    def dense(self, rows: slice) -> Tensor:
+        return self.u[rows].sum(1)
+
+    def total(self) -> Tensor:
+        return self.u.sum((0, 1))
+
+    def ghost_norms(self) -> Tensor:
+        return squared_row_norms(self.u.sum(1))
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor:
+        return self.u.sum(1).square() @ weights.flatten().to(self.u.dtype)
+
+    def outer(self) -> OuterSum:
+        return OuterSum(self.u, self.u.new_ones(*self.u.shape[:2], 1))
 
 
 def _group_positions(x: Tensor, group_size: int) -> Tensor:

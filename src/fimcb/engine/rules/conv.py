@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
 
 from fimcb.core.metric import Identity
-from fimcb.engine.factors import Dense, Factor, NormRoute, OuterSum
+from fimcb.engine.factors import BiasSum, Dense, Factor, NormRoute, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
 
 
@@ -81,8 +81,9 @@ class ConvFactor(Factor):
     def diagonal_norms(self, weights: Tensor) -> Tensor | None:
         return self._form().diagonal_norms(weights)
 
-    def ghost_inner(self, other: Factor) -> Tensor | None:
-        return self.outer().ghost_inner(other)
+    @property
+    def concatenates(self) -> bool:  # type: ignore[override]
+        return self.route is not ConvRoute.GROUPED
 
 
 def _options(module: nn.Module, padded: bool) -> dict[str, tuple[int, ...]]:
@@ -192,8 +193,8 @@ def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
     return F.pad(x, module._reversed_padding_repeated_twice, mode=mode), True
 
 
-def _bias(grad: Tensor) -> Dense:
-    return Dense(grad.flatten(2).sum(2))
+def _bias(grad: Tensor) -> Factor:
+    return BiasSum(grad.flatten(2).transpose(1, 2))  # [B, positions, channels]
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fimcb.engine.factors import Dense, Factor, OuterSum
+from fimcb.engine.factors import BiasSum, Factor, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
 
 
@@ -18,7 +18,7 @@ def linear_factors(inputs: Tensor, grad: Tensor, weight: str | None, bias: str |
     if weight is not None:
         out[weight] = OuterSum(b, inputs.reshape(batch, positions, inputs.shape[-1]))
     if bias is not None:
-        out[bias] = Dense(b.sum(1))
+        out[bias] = BiasSum(b)
     return out
 
 

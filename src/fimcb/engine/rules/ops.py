@@ -147,6 +147,7 @@ class BroadcastingRule(OpRule):
     def run(self, op: OpCall) -> Any:
         shape = _broadcast_shape(op)
         assert shape is not None
+        op.state = None
         leaves = list(op.leaves)
         for position, w in op.weights.items():
             padded = (1,) * (len(shape) - w.ndim) + tuple(w.shape)
@@ -163,11 +164,19 @@ class BroadcastingRule(OpRule):
 
 
 def _broadcast_shape(op: OpCall) -> tuple[int, ...] | None:
-    shapes = [leaf.shape for leaf in op.leaves if isinstance(leaf, Tensor)]
-    try:
-        return tuple(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
-        return None
+    """The shape the tensor operands broadcast to (``None`` where they do not), computed once per call."""
+    if op.state is None:
+        shapes = [tuple(leaf.shape) for leaf in op.leaves if isinstance(leaf, Tensor)]
+        size = max(map(len, shapes), default=0)
+        out: list[int] = []
+        for dim in range(-size, 0):
+            sizes = {s[dim] for s in shapes if len(s) >= -dim} - {1}
+            if len(sizes) > 1:
+                op.state = ()
+                return None
+            out.append(sizes.pop() if sizes else 1)
+        op.state = tuple(out)
+    return op.state or None
 
 
 @register_op_rule(torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to, torch.Tensor.broadcast_to)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fimcb.engine.factors import Dense, Factor, Masked, OuterSum
+from fimcb.engine.factors import BiasSum, Dense, Factor, Masked, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
 from fimcb.engine.rules.linear import linear_factors
 
@@ -25,7 +25,7 @@ class HFConv1DRule(Rule):
             "weight": OuterSum(x.reshape(batch, g.shape[1], x.shape[-1]), g, input_side="u")
         }
         if getattr(call.module, "bias", None) is not None:
-            out["bias"] = Dense(g.sum(1))
+            out["bias"] = BiasSum(g)
         return out
 
 
