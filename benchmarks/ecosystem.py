@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -156,7 +157,7 @@ def main() -> None:
             summary[threads].append(median)
             memory = ""
             if threads == args.threads[0]:
-                ratio = peak_rise(lambda: engine(model, x)) / max(peak_rise(lambda: plain(model, x)), 1e-3)
+                ratio = peak_rise(partial(engine, model, x)) / max(peak_rise(partial(plain, model, x)), 1e-3)
                 memories.append(ratio)
                 memory = f", {ratio:.2f}×"
             cells.append(f"{median:.2f}× ({q1:.2f}–{q3:.2f}){memory}")
@@ -170,8 +171,8 @@ def main() -> None:
     for threads, values in summary.items():
         if values:
             lines.append(
-                f"\n{threads} thread(s): median time ratio {statistics.median(values):.2f}×, largest {max(values):.2f}×"
-                f" over {len(values)} models"
+                f"\n{threads} thread(s): median time ratio {statistics.median(values):.2f}×, "
+                f"largest {max(values):.2f}× over {len(values)} models"
             )
     if memories:
         lines.append(

@@ -27,7 +27,7 @@ from finished_runs import load_run
 
 from fimcb.engine import LayerNorms
 from fimcb.evaluation.analysis import layer_aurocs, plot_layer_aurocs
-from fimcb.evaluation.ood import fit_and_score, load_features, ood_evaluation
+from fimcb.evaluation.ood import evaluate_ood, fit_and_score, load_features
 
 
 def rescore(run_dir: Path, overrides: list[str], path: Path) -> dict[str, LayerNorms]:
@@ -35,7 +35,7 @@ def rescore(run_dir: Path, overrides: list[str], path: Path) -> dict[str, LayerN
     run = load_run(run_dir, overrides)
     options = replace(run.callback.options, progress=True)
     dm = run.datamodule
-    result = ood_evaluation(
+    result = evaluate_ood(
         run.model, dm.val_dataloader(), dm.test_dataloader(), dm.ood_dataloaders(), options=options
     )
     result.save_features(path)
@@ -63,7 +63,7 @@ def main() -> None:
     if args.plot:
         print(f"plot: {plot_layer_aurocs(per_layer, args.plot, args.bins)}")
     for name, aurocs in per_layer.items():
-        summary = ", ".join(f"{m} {v['auroc']:.3f}" for m, v in result.metrics[name].items())
+        summary = ", ".join(f"{m} {v['auroc']:.3f}" for m, v in result.measures[name].items())
         print(f"\n## {name}: {summary}")
         below = int((aurocs.one_sided < 0.5).sum())
         print(f"layers whose gradient is smaller on {name} than on test (one-sided AUROC < 0.5): {below}")

@@ -76,7 +76,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
                 torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds, fit_seconds), cache)
             fit, test = norms.pop("fit"), norms.pop("test")
             result = fit_and_score(fit, test, norms, [*detectors, *BASELINE_METHODS])
-            aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.metrics.items()}
+            aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.measures.items()}
             out[name][k] = {
                 "aurocs": aurocs,
                 "seconds": {"fit_metric": fit_seconds, "score": score_seconds},

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/pictures.py runs/zoo/glow/version_0 -- --data.root ../shared/data
 
-Rebuilds the run (last checkpoint), runs the callback's evaluation (``ood_evaluation`` at the
+Rebuilds the run (last checkpoint), runs the callback's evaluation (``evaluate_ood`` at the
 callback's settings), then times each step of the pictures the callback adds after it: the most and
 least novel samples with double-backprop saliency, the influence search over the training probe,
 and the figures; prints seconds and each step's ratio to the evaluation, all in one process.
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from finished_runs import load_run
 
-from fimcb.evaluation.ood import ood_evaluation
+from fimcb.evaluation.ood import evaluate_ood
 from fimcb.viz.figures import png_bytes, run_figures
 from fimcb.viz.novel_samples import FILE_NAME, collect_novel_samples, save_novel_samples
 
@@ -47,7 +47,7 @@ def main() -> None:
     result = timed(
         seconds,
         "evaluation",
-        lambda: ood_evaluation(
+        lambda: evaluate_ood(
             model,
             dm.val_dataloader(),
             loaders["test"],

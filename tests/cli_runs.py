@@ -8,7 +8,7 @@ from fimcb.lightning.cli import FIMCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]
-NO_PICTURES = ["--trainer.callbacks.init_args.pictures", "false"]  # matplotlib: seconds per run
+NO_PICTURES = ["--trainer.callbacks.init_args.pictures.enabled", "false"]  # matplotlib: seconds per run
 
 
 def run_config(tmp_path: Path, config: str, *extra: str) -> FIMCLI:

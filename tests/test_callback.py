@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,7 @@ from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.data import ImageDataModule
 from fimcb.detectors import DEFAULT_METHODS, build_detector
 from fimcb.evaluation.ood import load_features, load_scores
+from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
 from fimcb.metrics import METRICS
 from fimcb.models import Glow
 from fimcb.run.history import TRAJECTORY_COLUMNS, load_history
@@ -45,16 +47,32 @@ def _model() -> Glow:
     )
 
 
+GROUPS = {
+    Tracking: {f.name for f in fields(Tracking)},
+    Scoring: {f.name for f in fields(Scoring)},
+    Evaluation: {"methods", "max_samples", "evaluate"},
+    Pictures: {"pictures", "n_novel", "saliency", "influence_samples", "novelty_method"},
+}
+RENAMED = {"evaluate": "enabled", "pictures": "enabled"}
+
+
 def _callback(**kwargs) -> FIMNormCallback:
-    options = dict(
+    """The callback with these tests' small defaults; keyword arguments go to their option group
+    (``evaluate`` and ``pictures`` to the ``enabled`` flags), the others to the callback itself."""
+    flat = dict(
         every_n_train_steps=4,
         n_train_probe=12,
         n_val_probe=10,
-        max_eval_samples=48,
+        max_samples=48,
         progress=False,
         pictures=False,
     )
-    return FIMNormCallback(**{**options, **kwargs})
+    flat.update(kwargs)
+    groups = {
+        group: group(**{RENAMED.get(k, k): flat.pop(k) for k in list(flat) if k in names})
+        for group, names in GROUPS.items()
+    }
+    return FIMNormCallback(groups[Tracking], groups[Scoring], groups[Evaluation], groups[Pictures], **flat)
 
 
 def _trainer(tmp_path: Path, callbacks: list, max_steps: int = 10, **kwargs) -> L.Trainer:
@@ -170,14 +188,14 @@ def test_validate_and_test_run_in_inference_mode(tmp_path: Path) -> None:
 
 def test_resume_continues_without_duplicate_events(tmp_path: Path) -> None:
     L.seed_everything(0)
-    first_cb = _callback(evaluate_ood=False)
+    first_cb = _callback(evaluate=False)
     trainer = _trainer(tmp_path, [first_cb], max_steps=8)
     model, dm = _model(), _datamodule()
     trainer.fit(model, dm)
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    resumed_cb = _callback(evaluate_ood=False, seed=999)  # a new seed must not change the probe set
+    resumed_cb = _callback(evaluate=False, seed=999)  # a new seed must not change the probe set
     resumed = _trainer(tmp_path, [resumed_cb], max_steps=16)
     resumed.fit(_model(), _datamodule(), ckpt_path=ckpt)
     assert resumed_cb.probe_indices == first_cb.probe_indices
@@ -238,7 +256,7 @@ def test_a_fitted_metric_is_fitted_on_training_data_used_and_saved(tmp_path: Pat
 
 def test_unknown_metric_fails_when_the_callback_is_built() -> None:
     with pytest.raises(ValueError, match="unknown metric"):
-        FIMNormCallback(metric="fullest")
+        FIMNormCallback(scoring=Scoring(metric="fullest"))
 
 
 def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -264,7 +282,7 @@ def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest
     assert steps("ood/noise/fim_gaussian/auroc") == [8]
     final = next(r for r in rows if "ood/vflip/typicality/fpr95" in r)
     assert final["ood/vflip/typicality/fpr95"] == pytest.approx(
-        callback.result.metrics["vflip"]["typicality"]["fpr95"]
+        callback.result.measures["vflip"]["typicality"]["fpr95"]
     )
     assert all(len([k for k in r if k.startswith("ood/")]) in (0, 3 * 4 * 4) for r in rows)
     images = [r for r in rows if "samples/_type" in r]  # nested keys come back joined by "/"
@@ -276,7 +294,7 @@ def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Pa
     L.seed_everything(0)
     dm = _datamodule()
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1)
-    first = _callback(evaluate_ood=False, history_flush_rows=25)  # several parts: memory stays bounded
+    first = _callback(evaluate=False, history_flush_rows=25)  # several parts: memory stays bounded
     trainer = _trainer(
         tmp_path,
         [first, checkpoints],
@@ -299,7 +317,7 @@ def test_history_records_every_event_and_survives_a_kill_and_resume(tmp_path: Pa
     assert sorted(rows.id[rows.step == 8].tolist()) == sorted(first.probe_indices["train"])
 
     resumed = _trainer(
-        tmp_path, [_callback(evaluate_ood=False)], max_steps=16, logger=CSVLogger(tmp_path, "run", 0)
+        tmp_path, [_callback(evaluate=False)], max_steps=16, logger=CSVLogger(tmp_path, "run", 0)
     )
     resumed.fit(_model(), _datamodule(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=8.ckpt")
     after = load_history(history_dir)
@@ -353,7 +371,8 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
     trainer = _trainer(tmp_path, [callback], max_steps=8, logger=logger)
     trainer.fit(model, dm)
     wandb.finish()
-    run = Path(trainer.log_dir)
+    run = callback.folder.path  # <save_dir>/<project>/<W&B run id>: this run's own
+    assert run == tmp_path / "fimcb-test" / logger.version
 
     # Per-sample scores, and the most / least novel samples with their inputs, heat maps, influences.
     scores = load_scores(run / "ood_scores.pt")
@@ -417,21 +436,38 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
     (roc_row,) = [r for r in rows if "fimcb/roc/fim_gaussian_table/_type" in r]  # an interactive ROC chart
     roc = json.loads((wandb_dir / "files" / roc_row["fimcb/roc/fim_gaussian_table/path"]).read_text())
     noise = next(key for _, key, _ in roc["data"] if key.startswith("noise ("))
-    assert noise == f"noise ({callback.result.metrics['noise']['fim_gaussian']['auroc']:.3f})"
+    assert noise == f"noise ({callback.result.measures['noise']['fim_gaussian']['auroc']:.3f})"
     (table_row,) = [r for r in rows if "fimcb/trajectories/_type" in r]
     table = json.loads((wandb_dir / "files" / table_row["fimcb/trajectories/path"]).read_text())
     assert table["columns"] == list(TRAJECTORY_COLUMNS) and len(table["data"]) == len(history)
 
 
-@pytest.mark.parametrize("bar", [True, False])
+@pytest.mark.parametrize("bar", ["tqdm", "rich", None])
 def test_scoring_progress_follows_the_trainers_progress_bar(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], bar: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, bar: str | None
 ) -> None:
-    trainer = _trainer(tmp_path, [_callback(progress=True)], max_steps=2, enable_progress_bar=bar)
+    """Lightning's own bar draws the scoring passes: a tqdm line under its main bar, or a task of its Rich
+    display (Lightning's default where rich is installed); no bar, no scoring bars."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    import fimcb.lightning.progress
+
+    tasks: list[str] = []
+    real = fimcb.lightning.progress._RichTask.__init__
+
+    def recorded(self, bar_callback, total=None, desc="", **kwargs):
+        tasks.append(f"{desc}/{total}")
+        real(self, bar_callback, total=total, desc=desc, **kwargs)
+
+    monkeypatch.setattr(fimcb.lightning.progress._RichTask, "__init__", recorded)
+    bars = {"tqdm": [TQDMProgressBar()], "rich": [RichProgressBar()], None: []}[bar]
+    callbacks = [_callback(progress=True), *bars]
+    trainer = _trainer(tmp_path, callbacks, max_steps=2, enable_progress_bar=bar is not None)
     trainer.fit(_model(), _datamodule())
     out = capsys.readouterr().out  # Lightning's bars write to stdout; so do the scoring bars
-    assert ("fimcb: scoring noise" in out) == bar
-    assert ("/48 " in out) == bar  # the total is max_eval_samples
+    assert ("fimcb: scoring noise" in out) == (bar == "tqdm")
+    assert ("/48 " in out) == (bar == "tqdm")  # the total is max_samples
+    assert ("fimcb: scoring noise/48" in tasks) == (bar == "rich")
 
 
 def test_failing_pictures_warn_and_keep_the_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -473,7 +509,7 @@ def test_tensorboard_run_holds_histograms_over_steps_and_figures(tmp_path: Path)
 
 
 def test_without_an_evaluation_the_history_figures_are_still_drawn(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, [_callback(pictures=True, evaluate_ood=False)], max_steps=4)
+    trainer = _trainer(tmp_path, [_callback(pictures=True, evaluate=False)], max_steps=4)
     trainer.fit(_model(), _datamodule())
     figures = {p.stem for p in (Path(trainer.log_dir) / "figures").glob("*.png")}
     assert {"novelty_over_time", "layer_heatmap_train_probe", "training_curves"} <= figures
@@ -481,13 +517,13 @@ def test_without_an_evaluation_the_history_figures_are_still_drawn(tmp_path: Pat
 
 
 def test_bad_picture_and_batch_options_fail_early_or_are_skipped(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="n_novel must be >= 1"):
-        FIMNormCallback(n_novel=0)
-    with pytest.raises(ValueError, match=r"n_train_probe \(12\) holds no group of group_size=40"):
+    with pytest.raises(ValueError, match="pictures.n_novel must be a positive integer"):
+        FIMNormCallback(pictures=Pictures(n_novel=0))
+    with pytest.raises(ValueError, match=r"n_train_probe \(12\) holds no group of scoring.group_size=40"):
         _callback(group_size=40)
     # Batches of 32 hold no group of 40: not tracked, and training goes on.
     callback = _callback(
-        track_train_batches=1, group_size=40, n_train_probe=40, n_val_probe=0, evaluate_ood=False
+        track_train_batches=1, group_size=40, n_train_probe=40, n_val_probe=0, evaluate=False
     )
     trainer = _trainer(tmp_path, [callback], max_steps=2, val_check_interval=None, limit_val_batches=0)
     trainer.fit(_model(), _datamodule())

@@ -109,17 +109,19 @@ def test_metric_and_detectors_by_name_from_yaml(tmp_path: Path) -> None:
     config = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     callback = config["trainer"]["callbacks"][0]["init_args"]
     low_rank = {"n_reference": 8, "fisher": "true"}
-    callback["metric"] = {"class_path": "fimcb.metrics.LowRank", "init_args": low_rank}
-    callback["methods"] = ["fim_gaussian_full", "chi_square", "fisher_method", "typicality"]
+    callback["scoring"] = {"metric": {"class_path": "fimcb.metrics.LowRank", "init_args": low_rank}}
+    callback["evaluation"] = {"methods": ["fim_gaussian_full", "chi_square", "fisher_method", "typicality"]}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = _instantiate(path, tmp_path)
     (built,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback"]
-    assert type(built.metric).__name__ == "LowRank" and built.metric.options()["n_reference"] == 8
-    assert built.metric.fisher == "true"
-    assert built.methods == ["fim_gaussian_full", "chi_square", "fisher_method", "typicality"]
-    callback["metric"] = "kfac"
+    metric = built.scoring.metric
+    assert type(metric).__name__ == "LowRank" and metric.options()["n_reference"] == 8
+    assert metric.fisher == "true"
+    assert built.evaluation.methods == ("fim_gaussian_full", "chi_square", "fisher_method", "typicality")
+    assert built.tracking.every_n_train_steps == 50  # the config's other options are kept
+    callback["scoring"] = {"metric": "kfac"}
     path.write_text(yaml.safe_dump(config))
     cli = _instantiate(path, tmp_path)
     (built,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FIMNormCallback"]
-    assert built.metric == "kfac"
+    assert built.scoring.metric == "kfac"

@@ -19,6 +19,7 @@ from torch.distributions import Normal, kl_divergence
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.data import ImageDataModule
+from fimcb.lightning.options import Evaluation, Tracking
 from fimcb.models.diffusion import Diffusion, UNet
 from fimcb.models.noise import content_seed, seeded_normal
 
@@ -254,7 +255,9 @@ def test_lightning_fit_with_the_callback(tmp_path: Path) -> None:
         dataset="digits", ood=["vflip", "noise"], val_size=32, train_size=48, test_size=32, batch_size=16
     )
     callback = FIMNormCallback(
-        every_n_train_steps=2, n_train_probe=8, n_val_probe=8, max_eval_samples=32, progress=False
+        Tracking(every_n_train_steps=2, n_train_probe=8, n_val_probe=8),
+        evaluation=Evaluation(max_samples=32),
+        progress=False,
     )
     trainer = L.Trainer(
         max_steps=3,

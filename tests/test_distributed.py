@@ -18,8 +18,9 @@ from toy_models import ConvEnergy
 from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.core.distributed import shard_units
 from fimcb.data import ImageDataModule
-from fimcb.evaluation.ood import ood_evaluation
+from fimcb.evaluation.ood import evaluate_ood
 from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
+from fimcb.lightning.options import Tracking
 from fimcb.metrics import KFAC, FittedDiagonal, LowRank
 from fimcb.models import Glow
 from fimcb.run.history import load_history
@@ -135,7 +136,7 @@ def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:
 
     model = Glow(image_shape=(1, 8, 8), num_levels=17, n_levels=2, n_steps=1, hidden_channels=8, n_samples=0)
     callback = FIMNormCallback(
-        every_n_train_steps=2, n_train_probe=9, n_val_probe=7, progress=False, track_train_batches=1
+        Tracking(every_n_train_steps=2, n_train_probe=9, n_val_probe=7, track_train_batches=1), progress=False
     )
     trainer = L.Trainer(
         strategy="ddp_spawn",
@@ -157,15 +158,15 @@ def test_lightning_ddp_evaluation_equals_single_process(tmp_path: Path) -> None:
     dm = datamodule()
     dm.setup("fit")
     dm.setup("test")
-    result = ood_evaluation(
+    result = evaluate_ood(
         model,
         dm.val_dataloader(),
         dm.test_dataloader(),
         dm.ood_dataloaders(),
         options=ScoringOptions(max_samples=1000),
     )
-    assert written.keys() == result.metrics.keys()
-    for ood, by_method in result.metrics.items():
+    assert written.keys() == result.measures.keys()
+    for ood, by_method in result.measures.items():
         for method, values in by_method.items():
             for metric, value in values.items():
                 assert written[ood][method][metric] == pytest.approx(value, abs=1e-6), (ood, method, metric)

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.functional.classification import binary_auroc
 from toy_models import LinearFlow
 
-from fimcb import LayerNorms, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb import LayerNorms, evaluate_ood, ood_measures
 from fimcb.detectors import (
     DEFAULT_METHODS,
     DETECTORS,
@@ -49,7 +49,7 @@ score_arrays = st.lists(
 @example(s_in=[0.0] * 18 + [1.0, 2.0], s_out=[1.0, 2.0], scale=1e-3)  # 95 % of ID exactly at a tie
 def test_metrics_equal_sklearn_including_ties_and_huge_scores(s_in, s_out, scale) -> None:
     a, b = np.array(s_in) * scale, np.array(s_out) * scale
-    ours = ood_metrics(torch.tensor(a), torch.tensor(b))
+    ours = ood_measures(torch.tensor(a), torch.tensor(b))
     ref = _sklearn_metrics(a, b)
     for key in ref:
         assert ours[key] == pytest.approx(ref[key], abs=1e-6), key  # torchmetrics returns float32
@@ -60,14 +60,14 @@ def test_fpr95_matches_its_definition_on_distinct_scores() -> None:
     s_in, s_out = rng.normal(0, 1, 400), rng.normal(1.5, 1, 300)
     threshold = np.sort(s_in)[int(np.ceil(0.95 * len(s_in))) - 1]  # accepts exactly 95% of ID
     expected = float(np.mean(s_out <= threshold))
-    assert ood_metrics(torch.tensor(s_in), torch.tensor(s_out))["fpr95"] == pytest.approx(expected)
+    assert ood_measures(torch.tensor(s_in), torch.tensor(s_out))["fpr95"] == pytest.approx(expected)
 
 
 def test_unbounded_scores_avoid_the_sigmoid_trap() -> None:
     s_in = torch.linspace(100.0, 200.0, 50)
     s_out = torch.linspace(150.5, 250.5, 50)
     raw = float(binary_auroc(torch.cat([s_in, s_out]), torch.cat([torch.zeros(50), torch.ones(50)]).long()))
-    ours = ood_metrics(s_in, s_out)["auroc"]
+    ours = ood_measures(s_in, s_out)["auroc"]
     assert ours == pytest.approx(roc_auc_score(np.r_[np.zeros(50), np.ones(50)], np.r_[s_in, s_out]))
     assert raw != pytest.approx(ours)  # torchmetrics' sigmoid saturates every score to 1.0
 
@@ -160,7 +160,8 @@ def test_evaluate_ood_end_to_end_on_a_fitted_flow() -> None:
         opt.step()
     at_mode = data[:400].mean(0) + 0.01 * torch.randn(100, dim)  # too typical: higher likelihood than ID data
     ood = {"shifted": _loader(data[500:600] + 6.0), "at_mode": _loader(at_mode)}
-    metrics = evaluate_ood(model, _loader(data[400:450]), _loader(data[450:500]), ood, group_size=1)
+    result = evaluate_ood(model, _loader(data[400:450]), _loader(data[450:500]), ood, group_size=1)
+    metrics = result.measures
     assert set(metrics) == {"shifted", "at_mode"}
     assert set(metrics["shifted"]) == set(DEFAULT_METHODS)
     assert set(metrics["shifted"]["fim_gaussian"]) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
@@ -170,10 +171,10 @@ def test_evaluate_ood_end_to_end_on_a_fitted_flow() -> None:
     assert metrics["at_mode"]["likelihood"]["auroc"] < 0.1  # the classic failure of the likelihood
 
 
-def test_ood_evaluation_groups_ids_and_errors() -> None:
+def test_evaluation_groups_ids_and_errors() -> None:
     model = LinearFlow(3)
     x = torch.randn(40, 3)
-    result = ood_evaluation(
+    result = evaluate_ood(
         model,
         _loader(x[:20], 6),
         _loader(x[20:30], 7),
@@ -186,10 +187,10 @@ def test_ood_evaluation_groups_ids_and_errors() -> None:
     assert "o" in result.table() and "typicality" in result.table()
     empty = _loader(torch.empty(0, 3))
     with pytest.warns(UserWarning, match="skipping OOD set"):
-        partial = ood_evaluation(
+        partial = evaluate_ood(
             model, _loader(x[:20]), _loader(x[20:30]), {"o": _loader(x[30:]), "e": empty}
         )
-    assert set(partial.metrics) == {"o"}
+    assert set(partial.measures) == {"o"}
     with pytest.raises(ValueError, match="fit_loader yielded no samples"):
         evaluate_ood(model, empty, _loader(x), {"o": _loader(x)})
     with pytest.raises(ValueError, match=r"shape \[4\] but the model takes \[3\]"):

@@ -15,14 +15,12 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from fimcb.engine import LayerNorms
-from fimcb.evaluation.ood import ood_metrics
+from fimcb.evaluation.ood import ood_measures
+from fimcb.run.folder import ARTIFACTS, RunDirectoryError, load_run
 from fimcb.run.history import HistoryWriter, load_history
 from fimcb.viz.figures import (
-    ARTIFACTS,
-    RunDirectoryError,
     influence_grid,
     layer_heatmap_data,
-    load_run,
     novelty_quantiles,
     roc_curve_data,
     roc_curves,
@@ -77,7 +75,7 @@ def make_run(
     if "ood_scores.pt" in artifacts:
         torch.save(scores, directory / "ood_scores.pt")
     if "ood_metrics.json" in artifacts:
-        metrics = {o: {m: ood_metrics(scores["test"][m], scores[o][m]) for m in METHODS} for o in OOD_SETS}
+        metrics = {o: {m: ood_measures(scores["test"][m], scores[o][m]) for m in METHODS} for o in OOD_SETS}
         (directory / "ood_metrics.json").write_text(json.dumps(metrics))
         written["ood_metrics"] = metrics
     if "novel_samples.pt" in artifacts:
@@ -176,7 +174,7 @@ def test_roc_curve_data_agrees_with_sklearn() -> None:
     np.testing.assert_allclose(fpr, ref_fpr, atol=1e-6)
     np.testing.assert_allclose(tpr, ref_tpr, atol=1e-6)
     assert auroc == pytest.approx(roc_auc_score(labels, raw), abs=1e-6)
-    assert auroc == ood_metrics(scores_in, scores_out)["auroc"]  # the number the run reports
+    assert auroc == ood_measures(scores_in, scores_out)["auroc"]  # the number the run reports
 
 
 def test_roc_figure_draws_one_panel_per_method_and_the_curve_data(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ class _Tokens(nn.Module):
 
 def _result(scores: dict[str, torch.Tensor]) -> OODResult:
     return OODResult(
-        metrics={}, scores={n: {"likelihood": -s, "fim_gaussian": s} for n, s in scores.items()}, detectors={}
+        measures={}, scores={n: {"likelihood": -s, "fim_gaussian": s} for n, s in scores.items()}, detectors={}
     )
 
 

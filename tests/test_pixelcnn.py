@@ -22,6 +22,7 @@ from torch import Tensor
 from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.data import ImageDataModule
 from fimcb.engine.rules import rule_for
+from fimcb.lightning.options import Evaluation, Tracking
 from fimcb.models.pixelcnn import PixelCNN
 
 TINY = {"n_layers": 2, "hidden_channels": 8, "kernel_size": 3, "input_kernel_size": 5}
@@ -171,7 +172,9 @@ def test_lightning_fit_with_callback_smoke(tmp_path: Path) -> None:
     )
     model = PixelCNN(image_shape=(1, 8, 8), num_levels=17, n_samples=4, warmup_steps=2, **TINY)
     callback = FIMNormCallback(
-        every_n_train_steps=2, n_train_probe=8, n_val_probe=8, max_eval_samples=32, progress=False
+        Tracking(every_n_train_steps=2, n_train_probe=8, n_val_probe=8),
+        evaluation=Evaluation(max_samples=32),
+        progress=False,
     )
     trainer = L.Trainer(
         max_steps=3,

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from test_figures import METHODS, OOD_SETS, assert_png, make_run
 
-from fimcb.evaluation.ood import METRIC_NAMES
-from fimcb.viz.figures import ARTIFACTS
+from fimcb.evaluation.ood import MEASURES
+from fimcb.run.folder import ARTIFACTS
 from fimcb.viz.report import MISSING_NOTES, build_report, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def _table_rows(report: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in report.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("| ") else []
-        if len(cells) == 2 + len(METRIC_NAMES) and cells[0] in OOD_SETS:
+        if len(cells) == 2 + len(MEASURES) and cells[0] in OOD_SETS:
             rows[(cells[0], cells[1].strip("*"))] = cells
     return rows
 
@@ -39,7 +39,7 @@ def test_markdown_report_has_the_ood_table_and_links_to_pngs_that_exist(tmp_path
     rows = _table_rows(report)
     assert set(rows) == {(o, m) for o in OOD_SETS for m in METHODS}
     for ood, by_method in written["ood_metrics"].items():
-        for metric_index, metric in enumerate(METRIC_NAMES):
+        for metric_index, metric in enumerate(MEASURES):
             values = {m: by_method[m][metric] for m in METHODS}
             best = (min if metric == "fpr95" else max)(values.values())
             for method, value in values.items():

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from fimcb import FIMNormCallback, load_history, per_sample_layer_norms
 from fimcb.data.sequences import CharTextDataModule, ModularArithmeticDataModule
+from fimcb.lightning.options import Evaluation, Tracking
 from fimcb.models.transformer import Transformer
 
 METHODS = {"fim_gaussian", "total_norm", "likelihood", "typicality"}
@@ -154,7 +155,9 @@ def _fit(tmp_path: Path, dm: L.LightningDataModule, **model_options: object) -> 
         **model_options,
     )
     callback = FIMNormCallback(
-        every_n_train_steps=2, n_train_probe=8, n_val_probe=8, max_eval_samples=24, progress=False
+        Tracking(every_n_train_steps=2, n_train_probe=8, n_val_probe=8),
+        evaluation=Evaluation(max_samples=24),
+        progress=False,
     )
     trainer = L.Trainer(
         max_steps=3,
@@ -202,7 +205,7 @@ TINY_CLI = [
     "--model.init_args.n_layers", "1",
     "--model.init_args.n_samples", "2",
     "--trainer.max_steps", "4",
-    "--trainer.callbacks.init_args.max_eval_samples", "32",
+    "--trainer.callbacks.init_args.evaluation.max_samples", "32",
 ]  # fmt: skip
 
 
@@ -241,11 +244,11 @@ def test_grokking_config_tracks_densely_and_draws_text_pictures(tmp_path: Path) 
         "16",
         "--trainer.val_check_interval",
         "2",
-        "--trainer.callbacks.init_args.every_n_train_steps",
+        "--trainer.callbacks.init_args.tracking.every_n_train_steps",
         "2",
-        "--trainer.callbacks.init_args.influence_samples",
+        "--trainer.callbacks.init_args.pictures.influence_samples",
         "8",
-        "--trainer.callbacks.init_args.pictures",
+        "--trainer.callbacks.init_args.pictures.enabled",
         "true",
     )
     history = load_history(run_dir / "history")

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
 from fimcb.data import ImageDataModule
+from fimcb.lightning.options import Evaluation, Tracking
 from fimcb.models.distributions import discretized_logistic_log_prob
 from fimcb.models.vae import VAE
 
@@ -203,7 +204,9 @@ def test_lightning_fit_with_fim_callback(tmp_path: Path) -> None:
         dataset="digits", ood=["vflip", "noise"], val_size=32, train_size=64, test_size=32, batch_size=16
     )
     callback = FIMNormCallback(
-        every_n_train_steps=2, n_train_probe=8, n_val_probe=8, max_eval_samples=16, progress=False
+        Tracking(every_n_train_steps=2, n_train_probe=8, n_val_probe=8),
+        evaluation=Evaluation(max_samples=16),
+        progress=False,
     )
     trainer = L.Trainer(
         max_steps=3,

@@ -15,7 +15,7 @@ from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.core.protocol import LikelihoodModel, ModelProtocolError
 from fimcb.detectors import DETECTORS, Detector, build_detector
 from fimcb.engine import LayerNorms, per_sample_layer_norms
-from fimcb.evaluation.ood import OODResult, evaluate_ood, ood_evaluation, ood_metrics
+from fimcb.evaluation.ood import OODResult, evaluate_ood, ood_measures
 from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import Identity, Metric
 from fimcb.run.history import load_history
@@ -49,8 +49,7 @@ __all__ = [
     "input_saliency",
     "layer_norms_over",
     "load_history",
-    "ood_evaluation",
-    "ood_metrics",
+    "ood_measures",
     "per_sample_layer_norms",
     "saliency_map",
     "summarize",

@@ -11,13 +11,15 @@ result, on every rank. Without an initialised process group everything runs loca
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from fimcb.core.norms import LayerNorms
+
+T = TypeVar("T")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -95,14 +97,40 @@ def gather_rows(local: LayerNorms, units: list[int], n_units: int) -> LayerNorms
     )
 
 
+class FailedOnAnotherRank(RuntimeError):
+    """Work that all ranks do together failed on another rank, so this one stops too (no rank is left
+    waiting in a collective call)."""
+
+
+def agreed(work: Callable[[], T]) -> T:
+    """``work()``, with every rank learning whether it failed anywhere: a failure on any rank raises on all
+    of them (the local error where it happened, :class:`FailedOnAnotherRank` elsewhere), so that ranks
+    never part ways before a collective call. Without a process group it is ``work()``."""
+    if rank_and_world()[1] == 1:
+        return work()
+    error: BaseException | None = None
+    try:
+        result = work()
+    except Exception as err:
+        error = err
+    failures = torch.tensor([0.0 if error is None else 1.0], device=_collective_device())
+    dist.all_reduce(failures, op=dist.ReduceOp.SUM)
+    if error is not None:
+        raise error
+    if failures.item() > 0:
+        raise FailedOnAnotherRank(f"{int(failures.item())} other rank(s) failed in the same step")
+    return result
+
+
 def score_sharded(n_units: int, score: Callable[[list[int]], LayerNorms]) -> LayerNorms:
     """``score(units)`` for all of ``range(n_units)``, split across ranks and gathered in unit order.
 
     ``score`` must return one row per unit it is given, in the given order. Every rank must call
     this with the same ``n_units``; without a process group it is ``score(list(range(n_units)))``.
+    A failure on one rank raises on every rank (:func:`agreed`).
     """
     rank, world_size = rank_and_world()
     if world_size == 1:
         return score(list(range(n_units)))
     units = shard_units(n_units, rank, world_size)
-    return gather_rows(score(units), units, n_units)
+    return gather_rows(agreed(lambda: score(units)), units, n_units)

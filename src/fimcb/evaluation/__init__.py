@@ -7,8 +7,7 @@ from fimcb.evaluation.ood import (
     fit_and_score,
     load_features,
     load_scores,
-    ood_evaluation,
-    ood_metrics,
+    ood_measures,
 )
 from fimcb.evaluation.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
 
@@ -21,6 +20,5 @@ __all__ = [
     "layer_norms_over",
     "load_features",
     "load_scores",
-    "ood_evaluation",
-    "ood_metrics",
+    "ood_measures",
 ]

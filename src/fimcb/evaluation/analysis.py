@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fimcb.core.norms import LayerNorms
-from fimcb.evaluation.ood import ood_metrics
+from fimcb.evaluation.ood import ood_measures
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def layer_aurocs(fit: LayerNorms, test: LayerNorms, ood: Mapping[str, LayerNorms
         if two_sided:
             features, reference = ((features - mean) / std).abs(), ((reference - mean) / std).abs()
         return torch.tensor(
-            [ood_metrics(reference[:, j], features[:, j])["auroc"] for j in range(features.shape[1])]
+            [ood_measures(reference[:, j], features[:, j])["auroc"] for j in range(features.shape[1])]
         )
 
     return {

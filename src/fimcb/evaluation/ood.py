@@ -1,7 +1,9 @@
-"""OOD evaluation: fit detectors on held-out in-distribution data, score test and OOD sets, compute metrics.
+"""OOD evaluation: fit detectors on held-out in-distribution data, score test and OOD sets, and measure
+how well each detector tells them apart (AUROC, AUPR-In, AUPR-Out, FPR@95: the *measures*; "metric"
+in fimcb names a Fisher approximation only).
 
-Conventions (METHOD.md §6): OOD is the positive class and every score is oriented so that higher
-means more novel. Scores are mapped monotonically into [0, 1] over the whole evaluated set
+Conventions (docs/method.md, "Evaluation"): OOD is the positive class and every score is oriented so that
+higher means more novel. Scores are mapped monotonically into [0, 1] over the whole evaluated set
 before they reach torchmetrics, which would otherwise pass unbounded scores through a sigmoid
 decided batch by batch (saturating large scores and ruining the ranking).
 """
@@ -25,8 +27,8 @@ from fimcb.core.protocol import unpack_batch
 from fimcb.detectors import DEFAULT_METHODS, Detector, build_detector
 from fimcb.evaluation.scoring import EmptyLoaderError, ScoringOptions, layer_norms_over
 
-METRIC_NAMES: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
-Metrics = dict[str, dict[str, dict[str, float]]]
+MEASURES: tuple[str, ...] = ("auroc", "aupr_in", "aupr_out", "fpr95")
+OODTable = dict[str, dict[str, dict[str, float]]]  # [OOD set][detector][measure]
 
 
 def to_unit_interval(scores: Tensor) -> Tensor:
@@ -37,7 +39,7 @@ def to_unit_interval(scores: Tensor) -> Tensor:
     return rank.double() / top
 
 
-def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
+def ood_measures(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
     """AUROC, AUPR-In, AUPR-Out and FPR@95 for in-distribution vs OOD scores (higher = more novel).
 
     FPR@95 is the fraction of OOD samples accepted at the threshold that accepts 95% of
@@ -58,23 +60,24 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
 
 @dataclass
 class OODResult:
-    """Everything an OOD evaluation produced: metrics, per-sample scores, fitted detectors, layer norms."""
+    """Everything an OOD evaluation produced: the measures, per-sample scores, fitted detectors, the layer
+    norms of every set and the Fisher approximation (``metric``) they were taken under."""
 
-    metrics: Metrics
+    measures: OODTable
     scores: dict[str, dict[str, Tensor]]
     detectors: dict[str, Detector]
     norms: dict[str, LayerNorms] = field(default_factory=dict)
     metric: Metric | None = None
 
     def table(self) -> str:
-        """The metrics as a fixed-width text table, one row per (OOD set, method)."""
-        return format_table(self.metrics)
+        """The measures as a fixed-width text table, one row per (OOD set, detector)."""
+        return format_table(self.measures)
 
     def save(self, path: str | Path) -> Path:
-        """Write the metrics as JSON (``[ood][method][metric]``)."""
+        """Write the measures as JSON (``[ood][method][measure]``)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.metrics, indent=2, sort_keys=False))
+        path.write_text(json.dumps(self.measures, indent=2, sort_keys=False))
         return path
 
     def save_features(self, path: str | Path) -> Path:
@@ -106,12 +109,12 @@ def load_features(path: str | Path) -> dict[str, LayerNorms]:
     return {name: LayerNorms(**fields) for name, fields in torch.load(path, weights_only=True).items()}
 
 
-def format_table(metrics: Metrics) -> str:
-    header = f"{'OOD set':<18}{'method':<16}" + "".join(f"{m:>10}" for m in METRIC_NAMES)
+def format_table(measures: OODTable) -> str:
+    header = f"{'OOD set':<18}{'method':<16}" + "".join(f"{m:>10}" for m in MEASURES)
     lines = [header, "-" * len(header)]
-    for ood, by_method in metrics.items():
+    for ood, by_method in measures.items():
         for method, values in by_method.items():
-            lines.append(f"{ood:<18}{method:<16}" + "".join(f"{values[m]:>10.4f}" for m in METRIC_NAMES))
+            lines.append(f"{ood:<18}{method:<16}" + "".join(f"{values[m]:>10.4f}" for m in MEASURES))
     return "\n".join(lines)
 
 
@@ -121,40 +124,50 @@ def fit_and_score(
     ood: Mapping[str, LayerNorms],
     methods: Sequence[str | Detector] = DEFAULT_METHODS,
 ) -> OODResult:
-    """Fit each detector on ``fit``, score ``test`` and every OOD set, and compute the metrics."""
+    """Fit each detector on ``fit``, score ``test`` and every OOD set, and compute the measures."""
     detectors = {d.name: d for d in (build_detector(m) for m in methods)}
     scores: dict[str, dict[str, Tensor]] = {"test": {}}
     for name, detector in detectors.items():
         detector.fit(fit)
         scores["test"][name] = detector.score(test)
-    metrics: Metrics = {}
+    measures: OODTable = {}
     for ood_name, norms in ood.items():
         scores[ood_name] = {name: d.score(norms) for name, d in detectors.items()}
-        metrics[ood_name] = {
-            name: ood_metrics(scores["test"][name], scores[ood_name][name]) for name in detectors
+        measures[ood_name] = {
+            name: ood_measures(scores["test"][name], scores[ood_name][name]) for name in detectors
         }
-    return OODResult(metrics, scores, detectors, {"fit": fit, "test": test, **ood})
+    return OODResult(measures, scores, detectors, {"fit": fit, "test": test, **ood})
 
 
-def ood_evaluation(
+def evaluate_ood(
     model: nn.Module,
     fit_loader: Iterable[Any],
     test_loader: Iterable[Any],
     ood_loaders: Mapping[str, Iterable[Any]],
     *,
     methods: Sequence[str | Detector] | None = None,
-    options: ScoringOptions = ScoringOptions(),
+    options: ScoringOptions | None = None,
     metric_data: Iterable[Any] | None = None,
+    skip_failures: bool = False,
+    **scoring: Any,
 ) -> OODResult:
-    """Like :func:`evaluate_ood`, returning scores, fitted detectors, layer norms and the metric beside
-    the metrics.
+    """Out-of-distribution detection by a model with a log-likelihood, against named OOD sets.
 
-    A metric that needs fitting and is not fitted yet (``options.metric``, e.g. ``"kfac"``) is fitted
-    first, on ``metric_data`` (training data, for an empirical Fisher) or else on ``fit_loader``.
-    An empty OOD loader is skipped with a warning, so that the other sets are still evaluated.
+    Detectors (``methods``, default: the paper's ``fim_gaussian``, ``total_norm``, and the
+    ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out in-distribution
+    data), then ``test_loader`` (in-distribution) is compared with each OOD set:
+    ``result.measures[ood_name][method]`` holds ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95`` (OOD =
+    positive class); the result also keeps per-sample scores, fitted detectors and layer norms.
+
+    How samples are scored: ``options`` (:class:`~fimcb.evaluation.scoring.ScoringOptions`) or its fields as
+    keywords (``metric="kfac"``, ``group_size=5``, ``max_samples=1000``...). A Fisher approximation that
+    needs fitting and is not fitted yet is fitted first, on ``metric_data`` (training data, for an
+    empirical Fisher) or else on ``fit_loader``. An empty OOD loader is skipped with a warning, and so,
+    with ``skip_failures``, is one whose scoring fails (the others are still evaluated).
     """
     if not ood_loaders:
         raise ValueError("no OOD sets given: pass ood_loaders as a mapping name -> DataLoader")
+    options = replace(options or ScoringOptions(), **scoring)
     input_shape = _first_sample_shape(fit_loader, "fit_loader")
     metric = resolve_metric(options.metric)
     if not metric.fitted:
@@ -172,40 +185,15 @@ def ood_evaluation(
             ood[name] = norms_of(loader, name)
         except EmptyLoaderError as err:
             warnings.warn(f"skipping OOD set {err}", stacklevel=2)
+        except Exception as err:
+            if not skip_failures:
+                raise
+            warnings.warn(
+                f"skipping OOD set {name}: scoring it failed ({type(err).__name__}: {err})", stacklevel=2
+            )
     if not ood:
-        raise ValueError("every OOD loader was empty: nothing to evaluate")
+        raise ValueError("no OOD set could be scored: nothing to evaluate")
     return replace(fit_and_score(fit, test, ood, methods or DEFAULT_METHODS), metric=metric)
-
-
-def evaluate_ood(
-    model: nn.Module,
-    fit_loader: Iterable[Any],
-    test_loader: Iterable[Any],
-    ood_loaders: Mapping[str, Iterable[Any]],
-    *,
-    methods: Sequence[str | Detector] | None = None,
-    metric_data: Iterable[Any] | None = None,
-    **options: Any,
-) -> Metrics:
-    """OOD-detection metrics ``[ood_name][method][metric]`` for a model with a log-likelihood.
-
-    Detectors (``methods``, default: the paper's ``fim_gaussian`` and the ``total_norm``,
-    ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out
-    in-distribution data), then ``test_loader`` (in-distribution) is compared with each OOD set.
-    Metrics: ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95``, OOD = positive class.
-    ``options`` are the fields of :class:`~fimcb.evaluation.scoring.ScoringOptions`: ``group_size``,
-    ``engine``, ``metric``, ``log_likelihood``, ``chunk_size``, ``max_samples``, ``progress``; a
-    metric that needs fitting is fitted on ``metric_data`` (else ``fit_loader``) first.
-    """
-    return ood_evaluation(
-        model,
-        fit_loader,
-        test_loader,
-        ood_loaders,
-        methods=methods,
-        options=ScoringOptions(**options),
-        metric_data=metric_data,
-    ).metrics
 
 
 def _first_sample_shape(loader: Iterable[Any], name: str) -> tuple[int, ...]:

@@ -32,6 +32,25 @@ class FIMCLI(LightningCLI):
             target = f"model.init_args.{name}"
             parser.link_arguments("data", target, _data_attribute(name), apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """As LightningCLI does for ``--ckpt_path``, the model's hyperparameters read back from the
+        checkpoint, but without the datamodule's linked attributes: they come from the data again, and a
+        model without such an argument would reject the ``None`` the checkpoint holds for it."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(
+            torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        )
+        for name in ("_instantiator", *LINKED_ATTRIBUTES):
+            hparams.pop(name, None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
 
 def main(args: Sequence[str] | None = None, default_config: str | Path | None = None) -> FIMCLI:
     """Run the CLI; with no arguments at all, ``fit`` the ``default_config``."""

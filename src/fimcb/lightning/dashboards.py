@@ -22,6 +22,8 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_png, read_file
 from torchvision.utils import save_image
 
+from fimcb.lightning.runs import logger_folder
+
 HISTOGRAM_BINS = 64
 CURVE_POINTS = 200  # points per curve of an interactive chart (a ROC curve has one per sample)
 Curve = tuple[Sequence[float], Sequence[float]]
@@ -53,6 +55,15 @@ class Dashboard:
     ) -> None:
         """Named ``(x, y)`` curves on one chart, for loggers with interactive charts (the figure of the
         same curves reaches the others)."""
+
+    def summary(self, values: Mapping[str, float]) -> None:
+        """Final values of a run (the OOD table), where the logger keeps them apart from its series."""
+
+    def artifact(self, folder: Path, name: str) -> None:
+        """The run folder's files, where the logger stores files for others to download."""
+
+    def define_series(self, prefixes: Sequence[str]) -> None:
+        """Declare the series logged under ``prefixes`` as functions of the trainer's global step."""
 
     def figure(self, key: str, figure: Figure, step: int) -> None:
         """A matplotlib figure, rendered to an image."""
@@ -92,6 +103,24 @@ class WandbDashboard(Dashboard):
         xs, ys = zip(*(_thinned(x, y) for x, y in curves.values()), strict=True)
         chart = wandb.plot.line_series(xs=xs, ys=ys, keys=list(curves), title=title, xname=xname)
         self.logger.log_metrics({key: chart}, step=step)
+
+    def summary(self, values: Mapping[str, float]) -> None:
+        self.logger.experiment.summary.update(dict(values))
+
+    def artifact(self, folder: Path, name: str) -> None:
+        import wandb
+
+        artifact = wandb.Artifact(
+            name, type="fimcb-run", description="fimcb run folder: history, OOD results"
+        )
+        artifact.add_dir(str(folder))
+        self.logger.experiment.log_artifact(artifact)
+
+    def define_series(self, prefixes: Sequence[str]) -> None:
+        experiment = self.logger.experiment
+        experiment.define_metric("trainer/global_step")
+        for prefix in prefixes:
+            experiment.define_metric(f"{prefix}*", step_metric="trainer/global_step")
 
 
 class TensorBoardDashboard(Dashboard):
@@ -152,7 +181,7 @@ def figure_to_image(figure: Figure) -> Tensor:
 
 def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
     """Log a ``[C, H, W]`` image in ``[0, 1]`` to every logger that takes images, and as a PNG file."""
-    path = _sample_file(trainer, "images", key, step, ".png")  # before the rank check: a collective
+    path = _sample_file(trainer, "images", key, step, ".png")
     for dashboard in dashboards(trainer):
         dashboard.image(key, image, step)
     if path is not None:
@@ -161,7 +190,7 @@ def log_image(trainer: L.Trainer, key: str, image: Tensor, step: int) -> None:
 
 def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
     """Log lines of text to every logger that takes text (W&B table, TensorBoard) and as a text file."""
-    path = _sample_file(trainer, "samples", key, step, ".txt")  # before the rank check: a collective
+    path = _sample_file(trainer, "samples", key, step, ".txt")
     for dashboard in dashboards(trainer):
         dashboard.text(key, texts, step)
     if path is not None:
@@ -171,12 +200,11 @@ def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
 
 
 def _sample_file(trainer: L.Trainer, folder: str, key: str, step: int, suffix: str) -> Path | None:
-    """``<log_dir>/<folder>/<key>_step<step><suffix>`` (its folder made) on rank zero, else ``None``.
-    Every rank must call it: ``trainer.log_dir`` is a collective under DDP."""
-    log_dir = trainer.log_dir
-    if log_dir is None or not trainer.is_global_zero:
+    """``<run's logger folder>/<folder>/<key>_step<step><suffix>`` (its folder made) on rank zero, else
+    ``None``: in each run's own folder, whatever the logger (:func:`fimcb.lightning.runs.logger_folder`)."""
+    if not trainer.is_global_zero:
         return None
-    path = Path(log_dir) / folder / f"{key}_step{step:07d}{suffix}"
+    path = logger_folder(trainer, new_version=False) / folder / f"{key}_step{step:07d}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fimcb.core.checks import check_bool, check_positive_float
+from fimcb.core.distributed import agreed
 from fimcb.core.metric import Diagonal, squared_row_norms
 from fimcb.core.protocol import LogLikelihoodFn
 from fimcb.engine import per_sample_gradients, per_sample_layer_norms
@@ -41,16 +42,20 @@ class LayerScalar(FittedMetric):
         data: Iterable[Any] | None = None,
         log_likelihood: LogLikelihoodFn | None = None,
     ) -> LayerScalar:
-        sums: Tensor | None = None
-        count = 0
-        for x in self._inputs(model, data):
-            norms = per_sample_layer_norms(model, x, metric="identity", log_likelihood=log_likelihood)
-            batch = norms.values.double().sum(0)
-            sums = batch if sums is None else sums + batch
-            count += len(norms)
-        assert sums is not None  # fisher_inputs raises when there are no samples
+        def accumulate() -> tuple[dict[str, Tensor], int]:
+            sums: Tensor | None = None
+            count = 0
+            for x in self._inputs(model, data):
+                norms = per_sample_layer_norms(model, x, metric="identity", log_likelihood=log_likelihood)
+                batch = norms.values.double().sum(0)
+                sums = batch if sums is None else sums + batch
+                count += len(norms)
+            assert sums is not None  # fisher_inputs raises when there are no samples
+            return dict(zip(norms.names, sums, strict=True)), count
+
+        sums, count = agreed(accumulate)  # every rank reaches the reduction, or none does
         dims = {name: p.numel() for name, p in self._parameters(model).items()}
-        means = reduced_means(dict(zip(norms.names, sums, strict=True)), count)
+        means = reduced_means(sums, count)
         self.scales = layer_scales(means, dims)
         self.dims = dims
         return self
@@ -106,14 +111,18 @@ class FittedDiagonal(FittedMetric):
         data: Iterable[Any] | None = None,
         log_likelihood: LogLikelihoodFn | None = None,
     ) -> FittedDiagonal:
-        sums: dict[str, Tensor] = {}
-        count = 0
-        for x in self._inputs(model, data):
-            for grads, ll in per_sample_gradients(model, x, log_likelihood=log_likelihood):
-                for name, g in grads.items():
-                    square = g.double().square().sum(0)
-                    sums[name] = sums[name] + square if name in sums else square
-                count += len(ll)
+        def accumulate() -> tuple[dict[str, Tensor], int]:
+            sums: dict[str, Tensor] = {}
+            count = 0
+            for x in self._inputs(model, data):
+                for grads, ll in per_sample_gradients(model, x, log_likelihood=log_likelihood):
+                    for name, g in grads.items():
+                        square = g.double().square().sum(0)
+                        sums[name] = sums[name] + square if name in sums else square
+                    count += len(ll)
+            return sums, count
+
+        sums, count = agreed(accumulate)  # every rank reaches the reduction, or none does
         fisher = reduced_means(sums, count)
         params = self._parameters(model)
         dims = {name: p.numel() for name, p in params.items()}

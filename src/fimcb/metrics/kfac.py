@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.core.checks import check_positive_float
+from fimcb.core.distributed import agreed
 from fimcb.core.metric import Identity, as_rows, check_pair, squared_row_norms
 from fimcb.core.protocol import LogLikelihoodFn
 from fimcb.engine import capture_factors
@@ -161,35 +162,43 @@ class KFAC(FittedMetric):
         sample's own output gradients at each layer. Sums over batches are reduced over DDP ranks at
         the end, so that a fit split across ranks equals one on all the data.
         """
-        inputs = self._inputs(model, data)
         params = self._parameters(model)
         device = next(iter(params.values())).device
-        identity = Identity()
-        squares = {n: torch.zeros((), dtype=torch.float64, device=device) for n in params}
-        sums: dict[str, dict[str, Tensor]] = {}
-        sides: dict[str, str] = {}
-        excluded: set[str] = set()
-        count = 0
-        for x in inputs:
-            captured = capture_factors(model, x.to(device), log_likelihood=log_likelihood)
-            for name, factor in captured.factors.items():
-                squares[name] += factor.squared_norms(name, identity, params[name].shape).double().sum()
-                outer = None if name in excluded else kronecker_rows(factor)
-                if outer is None or sides.setdefault(name, outer.input_side) != outer.input_side:
-                    excluded.add(name)
-                    continue
-                inputs_rows, grad_rows = (outer.v, outer.u) if outer.input_side == "v" else (outer.u, outer.v)
-                a = (
-                    torch.einsum("bti,btj->ij", inputs_rows.double(), inputs_rows.double())
-                    / inputs_rows.shape[1]
-                )
-                g = torch.einsum("bti,btj->ij", grad_rows.double(), grad_rows.double())
-                if name in sums:
-                    sums[name]["a"] += a
-                    sums[name]["g"] += g
-                else:
-                    sums[name] = {"a": a, "g": g}
-            count += len(x)
+
+        def accumulate() -> tuple[
+            dict[str, Tensor], dict[str, dict[str, Tensor]], dict[str, str], set[str], int
+        ]:
+            identity = Identity()
+            squares = {n: torch.zeros((), dtype=torch.float64, device=device) for n in params}
+            sums: dict[str, dict[str, Tensor]] = {}
+            sides: dict[str, str] = {}
+            excluded: set[str] = set()
+            count = 0
+            for x in self._inputs(model, data):
+                captured = capture_factors(model, x.to(device), log_likelihood=log_likelihood)
+                for name, factor in captured.factors.items():
+                    squares[name] += factor.squared_norms(name, identity, params[name].shape).double().sum()
+                    outer = None if name in excluded else kronecker_rows(factor)
+                    if outer is None or sides.setdefault(name, outer.input_side) != outer.input_side:
+                        excluded.add(name)
+                        continue
+                    a_rows, g_rows = (outer.v, outer.u) if outer.input_side == "v" else (outer.u, outer.v)
+                    a_rows, g_rows = a_rows.double(), g_rows.double()
+                    a = (
+                        torch.einsum("bti,btj->ij", a_rows, a_rows) / a_rows.shape[1]
+                    )  # A averages over positions
+                    g = torch.einsum("bti,btj->ij", g_rows, g_rows)
+                    if name in sums:
+                        sums[name]["a"] += a
+                        sums[name]["g"] += g
+                    else:
+                        sums[name] = {"a": a, "g": g}
+                count += len(x)
+            return squares, sums, sides, excluded, count
+
+        squares, sums, sides, excluded, count = agreed(
+            accumulate
+        )  # every rank reaches the reductions, or none
         mean_squares = reduced_means(squares, count)
         factored = [n for n in params if n in sums and n not in excluded]
         flat = {f"{n}/{k}": sums[n][k] for n in factored for k in ("a", "g")}

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.core.checks import check_bool, check_int, check_positive_float
-from fimcb.core.distributed import broadcast_from_zero
+from fimcb.core.distributed import agreed, broadcast_from_zero
 from fimcb.core.metric import as_rows, check_pair, squared_row_norms
 from fimcb.core.protocol import LogLikelihoodFn
 from fimcb.engine import per_sample_gradients, per_sample_layer_norms
@@ -185,7 +185,7 @@ class LowRank(FittedMetric):
         params = self._parameters(model)
         sketches = self._sketches(params)
         fit = self._fit_online if self.online else self._fit_batch
-        self.layers = fit(model, data, log_likelihood, params, sketches)
+        self.layers = agreed(lambda: fit(model, data, log_likelihood, params, sketches))
         self.dims = {name: p.numel() for name, p in params.items()}
         shared = broadcast_from_zero(self.state_dict())  # every DDP rank scores with rank zero's metric
         if shared is not None:

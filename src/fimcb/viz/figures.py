@@ -2,17 +2,15 @@
 
 Every function builds a :class:`matplotlib.figure.Figure` directly, never through pyplot: no GUI
 backend, no global figure registry, nothing to close, safe in a headless job (``fig.savefig(path)``
-renders with Agg). :func:`load_run` reads whichever artifacts a run directory (a Lightning log
-directory such as ``runs/name/version_0``) holds; :func:`run_figures` draws every figure they allow
+renders with Agg). :func:`run_figures` draws every figure a run folder's artifacts allow
+(:func:`fimcb.run.folder.load_run` reads them)
 and :func:`save_run_figures` writes them as PNGs. The ``*_data`` functions return the numbers a
 figure draws, so that they can be checked or reused without a plot.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import re
 import warnings
@@ -31,94 +29,14 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_roc
 
 from fimcb.core.norms import log_norms
-from fimcb.evaluation.ood import Metrics, load_scores, ood_metrics, to_unit_interval
-from fimcb.run.history import PART_GLOB, History, load_history
+from fimcb.evaluation.ood import ood_measures, to_unit_interval
+from fimcb.run.folder import MetricsFrame, RunArtifacts, load_metrics_csv, load_run
+from fimcb.run.history import History
 
-#: Artifact names of a run directory, as :attr:`RunArtifacts.missing` lists them.
-HISTORY, OOD_METRICS, OOD_SCORES, NOVEL_SAMPLES, METRICS_CSV = (
-    "history",
-    "ood_metrics.json",
-    "ood_scores.pt",
-    "novel_samples.pt",
-    "metrics.csv",
-)
-ARTIFACTS: tuple[str, ...] = (HISTORY, OOD_METRICS, OOD_SCORES, NOVEL_SAMPLES, METRICS_CSV)
 DPI = 110
 TITLE_SIZE, LABEL_SIZE, TICK_SIZE, CAPTION_SIZE = 10, 9, 8, 7
 _SPLIT_COLORS = {"train_batch": "C9", "train": "C0", "val": "C1", "test": "C2"}  # first matching prefix
 Scores = Mapping[str, Mapping[str, Tensor]]
-MetricsFrame = Any  # a metrics.csv path, a mapping of columns or a pandas DataFrame
-
-
-class RunDirectoryError(ValueError):
-    """A run directory that does not exist or holds none of the artifacts a report is made from."""
-
-
-@dataclass(frozen=True)
-class RunArtifacts:
-    """What a run directory holds; ``None`` for each artifact that is missing (named in ``missing``)."""
-
-    directory: Path
-    history: History | None
-    ood_metrics: Metrics | None
-    ood_scores: dict[str, dict[str, Tensor]] | None
-    novel_samples: dict[str, Any] | None
-    metrics: dict[str, np.ndarray] | None
-    missing: tuple[str, ...]
-
-
-def load_run(run_dir: str | Path) -> RunArtifacts:
-    """Read every artifact ``run_dir`` holds (see :data:`ARTIFACTS`); a clear error when it holds none."""
-    directory = Path(run_dir)
-    if not directory.is_dir():
-        raise RunDirectoryError(f"run directory not found: {directory}")
-    history_dir = directory / HISTORY
-    found: dict[str, Any] = {
-        HISTORY: _read(history_dir, load_history) if any(history_dir.glob(PART_GLOB)) else None,
-        OOD_METRICS: _read_if(directory / OOD_METRICS, lambda p: json.loads(p.read_text())),
-        OOD_SCORES: _read_if(directory / OOD_SCORES, load_scores),
-        NOVEL_SAMPLES: _read_if(directory / NOVEL_SAMPLES, lambda p: torch.load(p, weights_only=True)),
-        METRICS_CSV: _read_if(directory / METRICS_CSV, load_metrics_csv),
-    }
-    missing = tuple(name for name, value in found.items() if value is None)
-    if len(missing) == len(ARTIFACTS):
-        raise RunDirectoryError(
-            f"{directory} holds none of the run artifacts ({', '.join(ARTIFACTS)}): pass the Lightning log "
-            "directory of a run trained with FIMNormCallback (e.g. runs/<name>/version_0)"
-        )
-    return RunArtifacts(
-        directory,
-        history=found[HISTORY],
-        ood_metrics=found[OOD_METRICS],
-        ood_scores=found[OOD_SCORES],
-        novel_samples=found[NOVEL_SAMPLES],
-        metrics=found[METRICS_CSV],
-        missing=missing,
-    )
-
-
-def _read(path: Path, reader: Callable[[Path], Any]) -> Any:
-    try:
-        return reader(path)
-    except Exception as err:  # a corrupt or foreign file: say which one
-        raise ValueError(f"cannot read {path}: {err}") from err
-
-
-def _read_if(path: Path, reader: Callable[[Path], Any]) -> Any:
-    return _read(path, reader) if path.is_file() else None
-
-
-def load_metrics_csv(path: str | Path) -> dict[str, np.ndarray]:
-    """A Lightning ``metrics.csv`` as float64 columns, NaN where a column was not logged at a row."""
-    with open(path, newline="") as file:
-        rows = list(csv.reader(file))
-    if not rows:
-        raise ValueError(f"{path} is empty: expected a header row of metric names")
-    header, body = rows[0], rows[1:]
-    return {
-        name: np.array([float(row[j]) if j < len(row) and row[j] != "" else math.nan for row in body])
-        for j, name in enumerate(header)
-    }
 
 
 # ---- styling -------------------------------------------------------------------------------
@@ -263,8 +181,8 @@ def _methods(scores: Scores, method: str | None) -> tuple[list[str], list[str]]:
 
 def roc_curve_data(scores_in: Tensor, scores_out: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
     """``(fpr, tpr, auroc)`` of in-distribution (negatives) vs OOD (positives) scores, higher = more novel,
-    mapped onto [0, 1] as :func:`fimcb.evaluation.ood_metrics` does (so the AUROC is the reported one)."""
-    auroc = ood_metrics(scores_in, scores_out)["auroc"]
+    mapped onto [0, 1] as :func:`fimcb.evaluation.ood_measures` does (so the AUROC is the reported one)."""
+    auroc = ood_measures(scores_in, scores_out)["auroc"]
     preds = to_unit_interval(torch.cat([scores_in, scores_out]))
     is_ood = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))]).long()
     fpr, tpr, _ = binary_roc(preds, is_ood)

@@ -1,6 +1,6 @@
 """The most and least novel samples of an OOD evaluation, with where their novelty sits and what trained it.
 
-After :func:`fimcb.evaluation.ood_evaluation`, :func:`collect_novel_samples` picks, per evaluated set
+After :func:`fimcb.evaluation.evaluate_ood`, :func:`collect_novel_samples` picks, per evaluated set
 (``test`` and each OOD set), the samples a detector ranks most and least novel, fetches their inputs
 back from the loaders, adds a double-backprop heat map for the most novel images
 (:func:`fimcb.attribution.saliency.input_saliency`) and, for a few of them, the training samples of
@@ -12,7 +12,6 @@ of plain tensors, lists and strings (``novel_samples.pt`` in a run directory) fo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,9 +22,7 @@ from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.core.metric import Metric
 from fimcb.core.protocol import unpack_batch
 from fimcb.detectors import BASELINE_METHODS
-from fimcb.evaluation.ood import OODResult, torch_save
-
-FILE_NAME = "novel_samples.pt"
+from fimcb.evaluation.ood import OODResult
 
 
 def novelty_method(result: OODResult, method: str | None = None) -> str:
@@ -153,8 +150,3 @@ def _influence(
 
 def _text(inputs: Tensor, decode: Callable[[Tensor], str] | None) -> dict[str, list[str]]:
     return {"text": [decode(x) for x in inputs]} if decode is not None else {}
-
-
-def save_novel_samples(samples: Mapping[str, Any], path: str | Path) -> Path:
-    """Write :func:`collect_novel_samples`' dict (loadable with ``torch.load(weights_only=True)``)."""
-    return torch_save(dict(samples), path)

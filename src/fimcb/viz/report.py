@@ -1,6 +1,6 @@
 """A one-page report of a finished run, and the ``fimcb`` command line (``fimcb report RUN_DIR``).
 
-The report gathers what the run directory holds (see :mod:`fimcb.viz.figures`): the model and data
+The report gathers what the run folder holds (see :mod:`fimcb.run.folder`): the model and data
 classes from ``config.yaml``, the OOD metrics as a table with the best value per OOD set in bold,
 every figure the artifacts allow, the most novel samples and the influence queries, and a note for
 each missing artifact saying what it would have added. Markdown writes the PNGs beside the report;
@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 from matplotlib.figure import Figure
 
-from fimcb.evaluation.ood import METRIC_NAMES, Metrics
-from fimcb.viz.figures import (
+from fimcb.evaluation.ood import MEASURES, OODTable
+from fimcb.run.folder import (
     HISTORY,
     METRICS_CSV,
     NOVEL_SAMPLES,
@@ -32,10 +32,8 @@ from fimcb.viz.figures import (
     RunArtifacts,
     RunDirectoryError,
     load_run,
-    png_bytes,
-    run_figures,
-    write_figures,
 )
+from fimcb.viz.figures import png_bytes, run_figures, write_figures
 
 FORMATS = ("md", "html")
 CONFIG = "config.yaml"
@@ -45,7 +43,7 @@ LOWER_IS_BETTER = frozenset({"fpr95"})
 MISSING_NOTES = {
     HISTORY: "no `history/`: no FIM-norm over training (FIMNormCallback(history=True) writes it).",
     METRICS_CSV: "no `metrics.csv`: no training curves (log with Lightning's CSVLogger).",
-    OOD_METRICS: "no `ood_metrics.json`: no OOD table (FIMNormCallback(evaluate_ood=True) writes it).",
+    OOD_METRICS: "no `ood_metrics.json`: no OOD table (FIMNormCallback's evaluation writes it).",
     OOD_SCORES: "no `ood_scores.pt`: no ROC curves or score histograms.",
     NOVEL_SAMPLES: "no `novel_samples.pt`: no most or least novel samples, no influence.",
 }
@@ -111,7 +109,7 @@ def _blocks(run: RunArtifacts, figures: dict[str, Figure]) -> list[_Block]:
     section("FIM-norm over training", [HISTORY], history)
     histograms = [n for n in figures if n.startswith("score_histograms_")]
     section(
-        "OOD detection", [OOD_METRICS, OOD_SCORES], ["roc_curves", *histograms], _ood_table(run.ood_metrics)
+        "OOD detection", [OOD_METRICS, OOD_SCORES], ["roc_curves", *histograms], _ood_table(run.ood_table)
     )
     section("Novel samples", [NOVEL_SAMPLES], ["novel_samples_most", "novel_samples_least"], _ranking(run))
     if run.novel_samples is not None:  # else the note above says there is none
@@ -138,21 +136,21 @@ def _unused_csv(run: RunArtifacts, figures: dict[str, Figure]) -> list[_Block]:
     return []
 
 
-def _ood_table(metrics: Metrics | None) -> list[_Block]:
+def _ood_table(metrics: OODTable | None) -> list[_Block]:
     """The OOD metrics, one row per (OOD set, method); per OOD set the best value of each metric in bold
     (the lowest FPR@95, the highest of the others) and the method with the best AUROC in bold."""
     if metrics is None:
         return []
     rows = []
     for ood, by_method in metrics.items():
-        best = {m: _best([v.get(m, math.nan) for v in by_method.values()], m) for m in METRIC_NAMES}
+        best = {m: _best([v.get(m, math.nan) for v in by_method.values()], m) for m in MEASURES}
         for method, values in by_method.items():
             cells = [(ood, False), (method, values.get("auroc") == best["auroc"])]
-            for m in METRIC_NAMES:
+            for m in MEASURES:
                 value = values.get(m, math.nan)
                 cells.append((f"{value:.4f}" if m in values else "n/a", value == best[m]))
             rows.append(cells)
-    header = ["OOD set", "method", *(METRIC_HEADERS[m] for m in METRIC_NAMES)]
+    header = ["OOD set", "method", *(METRIC_HEADERS[m] for m in MEASURES)]
     return [
         _Text("OOD = positive class; scores oriented higher = more novel; best per OOD set in bold."),
         _Table(header, rows),
