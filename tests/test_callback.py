@@ -517,7 +517,7 @@ def test_without_an_evaluation_the_history_figures_are_still_drawn(tmp_path: Pat
 
 
 def test_bad_picture_and_batch_options_fail_early_or_are_skipped(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="pictures.n_novel must be a positive integer"):
+    with pytest.raises(ValueError, match=r"pictures\.n_novel must be a positive integer"):
         FIMNormCallback(pictures=Pictures(n_novel=0))
     with pytest.raises(ValueError, match=r"n_train_probe \(12\) holds no group of scoring.group_size=40"):
         _callback(group_size=40)

@@ -24,9 +24,8 @@ class _Tokens(nn.Module):
 
 
 def _result(scores: dict[str, torch.Tensor]) -> OODResult:
-    return OODResult(
-        measures={}, scores={n: {"likelihood": -s, "fim_gaussian": s} for n, s in scores.items()}, detectors={}
-    )
+    scored = {n: {"likelihood": -s, "fim_gaussian": s} for n, s in scores.items()}
+    return OODResult(measures={}, scores=scored, detectors={})
 
 
 def test_fetch_rows_walks_batches_in_order() -> None:

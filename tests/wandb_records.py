@@ -45,8 +45,8 @@ def _parse(raw: bytes) -> wandb_internal_pb2.Record:
     return record
 
 
-def history_rows(run_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Each ``log`` call of the run as a dict of key -> decoded JSON value.
+def records(run_dir: Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """Every record of an offline run's ``.wandb`` file.
 
     W&B's writer process may still be flushing after ``wandb.finish()`` returns: the file is read
     again until it holds the run's ``exit`` record (or ``timeout`` seconds pass)."""
@@ -54,15 +54,49 @@ def history_rows(run_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            records = [_parse(raw) for raw in _records(path)]
+            found = [_parse(raw) for raw in _records(path)]
         except DecodeError:  # a record still being written
-            records = []
-        kinds = [r.WhichOneof("record_type") for r in records]
-        if "exit" in kinds or time.monotonic() > deadline:
-            break
+            found = []
+        if any(r.WhichOneof("record_type") == "exit" for r in found) or time.monotonic() > deadline:
+            return found
         time.sleep(0.2)
+
+
+def _key(item: Any) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def history_rows(run_dir: Path, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Each ``log`` call of the run as a dict of key -> decoded JSON value."""
     return [
-        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-        for r, kind in zip(records, kinds, strict=True)
-        if kind == "history"
+        {_key(i): json.loads(i.value_json) for i in r.history.item}
+        for r in records(run_dir, timeout)
+        if r.WhichOneof("record_type") == "history"
     ]
+
+
+def summary_values(run_dir: Path) -> dict[str, Any]:
+    """The run's summary: every ``summary`` record's updates, later ones replacing earlier ones."""
+    summary: dict[str, Any] = {}
+    for r in records(run_dir):
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({_key(i): json.loads(i.value_json) for i in r.summary.update})
+    return summary
+
+
+def artifacts(run_dir: Path) -> dict[str, tuple[str, list[str]]]:
+    """The run's logged artifacts: name -> (type, the paths of its files)."""
+    return {
+        r.artifact.name: (r.artifact.type, [e.path for e in r.artifact.manifest.contents])
+        for r in records(run_dir)
+        if r.WhichOneof("record_type") == "artifact"
+    }
+
+
+def metric_definitions(run_dir: Path) -> dict[str, str]:
+    """``define_metric`` records: metric name or glob -> its step metric."""
+    return {
+        r.metric.glob_name or r.metric.name: r.metric.step_metric
+        for r in records(run_dir)
+        if r.WhichOneof("record_type") == "metric"
+    }

@@ -144,14 +144,6 @@ class FIMNormCallback(Callback):
                     "(track_running_stats=False), so samples interact and per-sample gradients are "
                     "undefined: keep running statistics, or use GroupNorm/LayerNorm"
                 )
-        twins = [
-            c for c in trainer.callbacks if isinstance(c, FIMNormCallback) and c.state_key == self.state_key
-        ]
-        if len(twins) > 1:
-            raise ValueError(
-                f"{len(twins)} FIMNormCallbacks share the state key {self.state_key!r}: give each a distinct "
-                "name= (their checkpoint states, logged keys and outputs would collide)"
-            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()

@@ -202,7 +202,7 @@ def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
 def _sample_file(trainer: L.Trainer, folder: str, key: str, step: int, suffix: str) -> Path | None:
     """``<run's logger folder>/<folder>/<key>_step<step><suffix>`` (its folder made) on rank zero, else
     ``None``: in each run's own folder, whatever the logger (:func:`fimcb.lightning.runs.logger_folder`)."""
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero or trainer.fast_dev_run:  # a smoke test writes no files
         return None
     path = logger_folder(trainer, new_version=False) / folder / f"{key}_step{step:07d}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
