@@ -187,9 +187,7 @@ def test_evaluation_groups_ids_and_errors() -> None:
     assert "o" in result.table() and "typicality" in result.table()
     empty = _loader(torch.empty(0, 3))
     with pytest.warns(UserWarning, match="skipping OOD set"):
-        partial = evaluate_ood(
-            model, _loader(x[:20]), _loader(x[20:30]), {"o": _loader(x[30:]), "e": empty}
-        )
+        partial = evaluate_ood(model, _loader(x[:20]), _loader(x[20:30]), {"o": _loader(x[30:]), "e": empty})
     assert set(partial.measures) == {"o"}
     with pytest.raises(ValueError, match="fit_loader yielded no samples"):
         evaluate_ood(model, empty, _loader(x), {"o": _loader(x)})

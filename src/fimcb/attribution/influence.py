@@ -9,9 +9,10 @@ per parameter tensor (block-diagonal over layers), so the value is a sum over pa
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import Any, NamedTuple
 
 import torch
@@ -63,7 +64,7 @@ def influence(
     columns, data_norms = [], []
     for x in _inputs(data):
         for grads, _ in gradients(x):
-            columns.append(sum(metric.inner_products(n, q_grads[n], g) for n, g in grads.items()))
+            columns.append(_total(metric.inner_products(n, q_grads[n], g) for n, g in grads.items()))
             if normalize:
                 data_norms.append(_squared_norms(metric, grads))
     if not columns:
@@ -146,6 +147,11 @@ def _concatenated(chunks: Iterable[tuple[dict[str, Tensor], Tensor]]) -> dict[st
     return {name: torch.cat(g) for name, g in parts.items()}
 
 
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """The sum over parameter tensors (a model has at least one)."""
+    return reduce(operator.add, terms)
+
+
 def _squared_norms(metric: Metric, grads: dict[str, Tensor]) -> Tensor:
     """``[n]`` FIM-norms squared, summed over parameter tensors."""
-    return sum(metric.squared_norms(name, g) for name, g in grads.items())
+    return _total(metric.squared_norms(name, g) for name, g in grads.items())

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.protocol import LogLikelihoodFn
+
 
 class Metric(ABC):
     """Per-layer squared norm ``s_lᵀ F_l⁻¹ s_l`` of per-sample gradients under an approximation of F.
@@ -24,8 +26,14 @@ class Metric(ABC):
 
     name: str = "metric"
 
-    def fit(self, model: nn.Module, data: Iterable[Any] | None = None, **options: Any) -> Metric:
-        """Estimate the metric's state for ``model``; a no-op for metrics without state."""
+    def fit(
+        self,
+        model: nn.Module,
+        data: Iterable[Any] | None = None,
+        log_likelihood: LogLikelihoodFn | None = None,
+    ) -> Metric:
+        """Estimate the metric's state for ``model`` from ``data`` (scored by ``log_likelihood``, default
+        the model's own); a no-op for metrics without state."""
         return self
 
     @property

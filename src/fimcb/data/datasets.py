@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def _load_arrays(path: Path, split: str, source: str) -> tuple[Tensor, Tensor]:
     return images.contiguous(), torch.from_numpy(y.astype(np.int64)).reshape(-1)
 
 
-def _torchvision_dataset(name: str, root: Path, split: str, download: bool) -> object:
+def _torchvision_dataset(name: str, root: Path, split: str, download: bool) -> Any:
     from torchvision import datasets
 
     train = split == "train"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 import torch
@@ -202,7 +203,7 @@ def make_ood_set(
     test set uses when the sizes match. ``source_index`` is each image's index in the split it was
     made from (the ID or the OOD dataset's test split), ``-1`` for ``sample_patches``.
     """
-    image_shape = tuple(id_test_images.shape[1:])
+    image_shape = cast(tuple[int, int, int], tuple(id_test_images.shape[1:]))
     if name == SAMPLE_PATCHES:
         images = sample_patches(size, image_shape, num_levels, ood_generator(name, seed))
         minus_one = torch.full((size,), -1, dtype=torch.int64)

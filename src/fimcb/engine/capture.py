@@ -400,10 +400,12 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     targets = [t for c in forward.calls for t, r in zip(c.outputs, c.rows, strict=True) if r is not None]
     op_targets = [t for op, _ in state.ops for t in op.targets]
     wanted = targets + op_targets + (list(params.values()) if verify else [])
-    grads = torch.autograd.grad(
+    found_grads = torch.autograd.grad(
         ll.sum(), wanted, allow_unused=True, retain_graph=verify and bool(state.sources)
     )
-    grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wanted, grads, strict=True)]
+    grads = [
+        torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wanted, found_grads, strict=True)
+    ]
     position = 0
     for c in forward.calls:
         c.grads = []
@@ -480,7 +482,7 @@ def _op_factors(
     """Factors of the weight-like operands of every boundary: a parameter's go to it directly (transposed
     for ``W.T``), the others are returned for the pull-back."""
     state, plan = forward.state, forward.plan
-    pullback = []
+    pullback: list[tuple[Tensor, Factor]] = []
     start = 0
     for op, rule in state.ops:
         op_grads = grads[start : start + len(op.targets)]
@@ -497,11 +499,11 @@ def _op_factors(
         route = Route.OP_LOCAL if isinstance(rule, LocalOpRule) else Route.OP_RULE
         for position, factor in factors.items():
             w = op.weights[position]
-            name = state.parameter(w)
+            owner = state.parameter(w)
             mark = state.mark(w)
-            if name is not None:
-                found[name].append(factor)
-                plan.routes[name].add(route)
+            if owner is not None:
+                found[owner].append(factor)
+                plan.routes[owner].add(route)
             elif mark is not None and mark.transpose_of is not None:
                 found[mark.transpose_of].append(factor.transposed())
                 plan.routes[mark.transpose_of].add(route)
@@ -618,6 +620,7 @@ def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: d
             for t, g in zip(call.outputs, call.grads, strict=True)
         ]
         rule = rule_for(call.module)
+        routes: list[tuple[Route, Callable[[Rule | None, _ModuleCall, list[Tensor], int], dict[str, Factor]]]]
         routes = [(Route.RULE, _by_rule)] if rule is not None and (call.shared or call.batched) else []
         routes.append((Route.MODULE_LOCAL, _module_local))
         errors = []

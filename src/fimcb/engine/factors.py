@@ -114,7 +114,8 @@ class Factor(ABC):
         if len(factors) == 1:
             return factors[0]
         outer = [f.outer() if f.concatenates else None for f in factors]
-        if all(o is not None for o in outer) and all(o.same_layout(outer[0]) for o in outer):  # type: ignore[union-attr]
+        present = [o for o in outer if o is not None]
+        if len(present) == len(outer) and all(o.same_layout(present[0]) for o in present):
             first = outer[0]
             assert first is not None
             return OuterSum(
@@ -347,11 +348,14 @@ class Sum(Factor):
         return out
 
     def ghost_norms(self) -> Tensor | None:
-        squares = [p.ghost_norms() for p in self.parts]
-        crosses = [a.ghost_inner(b) for a, b in itertools.combinations(self.parts, 2)]
-        if any(s is None for s in squares) or any(c is None for c in crosses):
-            return None
-        return sum(squares) + 2 * sum(crosses)  # type: ignore[operator, return-value]
+        total: Tensor | None = None
+        terms = [(1, p.ghost_norms()) for p in self.parts]
+        terms += [(2, a.ghost_inner(b)) for a, b in itertools.combinations(self.parts, 2)]
+        for weight, term in terms:
+            if term is None:
+                return None
+            total = weight * term if total is None else total + weight * term
+        return total
 
 
 @dataclass

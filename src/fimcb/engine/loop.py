@@ -15,8 +15,8 @@ def loop_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tens
     rows, lls = [], []
     for xg in groups:
         total = check_log_likelihood_output(request.log_likelihood(xg), xg.shape[0]).sum()
-        grads = torch.autograd.grad(total, tensors, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, grads, strict=True)]
+        found = torch.autograd.grad(total, tensors, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(tensors, found, strict=True)]
         norms = [request.metric.squared_norms(n, g.unsqueeze(0)) for n, g in zip(names, grads, strict=True)]
         rows.append(torch.stack(norms, dim=1))
         lls.append(total.detach().reshape(1))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +40,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from fimcb.engine.rules.ops import OpCall, OpRule, ToBatchRule, op_rule_for
 
 MARK = "_fimcb_mark"
-_TRANSPOSES = {torch.Tensor.t, torch.t, torch.Tensor.T.__get__, torch.Tensor.mT.__get__}
+
+
+def _getter(name: str) -> Callable[..., Any]:
+    """The function ``__torch_function__`` sees when a tensor property is read."""
+    return inspect.getattr_static(Tensor, name).__get__
+
+
+_TRANSPOSES = {torch.Tensor.t, torch.t, _getter("T"), _getter("mT")}
 _TO_BATCH = {torch.Tensor.expand, torch.Tensor.expand_as, torch.broadcast_to, torch.Tensor.broadcast_to}
 
 
@@ -303,7 +311,7 @@ _METHODS = (
     "__len__", "__repr__", "__format__", "item", "tolist", "data_ptr", "storage_offset", "get_device",
     "__bool__",
 )  # fmt: skip
-_DESCRIBE = {getattr(Tensor, name).__get__ for name in _DESCRIPTORS} | {getattr(Tensor, n) for n in _METHODS}
+_DESCRIBE = {_getter(name) for name in _DESCRIPTORS} | {getattr(Tensor, n) for n in _METHODS}
 
 
 class WeightLike(Tensor):

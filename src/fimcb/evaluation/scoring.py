@@ -70,9 +70,9 @@ def layer_norms_over(
     gathered back in order (see :mod:`fimcb.core.distributed`): every rank returns the single-process
     result. Other iterables are scored whole on every rank.
     """
-    dataset = getattr(loader, "dataset", None)
-    if rank_and_world()[1] == 1 or not isinstance(loader, DataLoader) or not _is_map_style(dataset):
+    if rank_and_world()[1] == 1 or not isinstance(loader, DataLoader) or not _is_map_style(loader.dataset):
         return _stream(model, loader, options, name, input_shape)
+    dataset: Any = loader.dataset  # sized and indexable
     k = options.group_size
     n = len(dataset) if options.max_samples is None else min(len(dataset), options.max_samples)
     if n < k:

@@ -18,6 +18,7 @@ import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -40,7 +41,7 @@ from fimcb.evaluation.scoring import ScoringOptions
 from fimcb.lightning.dashboards import Dashboard, dashboards
 from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
 from fimcb.lightning.progress import progress_bar
-from fimcb.lightning.runs import resolve_run_folder
+from fimcb.lightning.runs import datamodule_of, is_smoke_test, resolve_run_folder
 from fimcb.run.folder import RunArtifacts, RunFolder
 from fimcb.run.history import HistoryWriter, trajectory_rows
 from fimcb.run.summaries import summarize
@@ -155,7 +156,7 @@ class FIMNormCallback(Callback):
     def _open_folder(self, trainer: L.Trainer) -> None:
         """The run folder (and the history writer) once per run: restored from a checkpoint, else claimed;
         none in a ``fast_dev_run``."""
-        if self.folder is not None or trainer.fast_dev_run:
+        if self.folder is not None or is_smoke_test(trainer):
             return
         self.folder, self.run_id = resolve_run_folder(trainer, self.run_id, self._restored_folder, self.name)
         if self.tracking.history and trainer.is_global_zero:
@@ -219,7 +220,7 @@ class FIMNormCallback(Callback):
         step, every = trainer.global_step, self.tracking.every_n_train_steps
         if not every or not self.tracking.n_train_probe or step == self.last_tracked_step:
             return  # with gradient accumulation several batches end on the same step
-        if step % every or (trainer.fast_dev_run and self.last_tracked_step >= 0):
+        if step % every or (is_smoke_test(trainer) and self.last_tracked_step >= 0):
             return  # a fast_dev_run tracks once
         self.last_tracked_step = step
         self._track(
@@ -230,7 +231,7 @@ class FIMNormCallback(Callback):
         """Every N optimizer steps, score the samples of the batch that just ended. Under DDP each rank
         holds its own batch: rank zero's is recorded (as Lightning logs rank zero's training loss)."""
         step, every = trainer.global_step, self.tracking.track_train_batches
-        if not every or step % every or step == self._last_batch_step or trainer.fast_dev_run:
+        if not every or step % every or step == self._last_batch_step or is_smoke_test(trainer):
             return
         self._last_batch_step = step
         x, ids = unpack_batch(batch)
@@ -250,7 +251,7 @@ class FIMNormCallback(Callback):
         if (
             self.tracking.n_val_probe
             and loaders is not None
-            and not (trainer.fast_dev_run and self._tracked_once)
+            and not (is_smoke_test(trainer) and self._tracked_once)
         ):
             self._open_folder(trainer)  # also outside fit (trainer.test)
             self._track(trainer, pl_module, split, lambda: self._probe(trainer, split, loaders))
@@ -371,7 +372,7 @@ class FIMNormCallback(Callback):
             start = time.perf_counter()
             evaluated = self._evaluate(trainer, pl_module)
             self.seconds["evaluation"] += time.perf_counter() - start
-        if not trainer.is_global_zero or trainer.fast_dev_run:
+        if not trainer.is_global_zero or is_smoke_test(trainer):
             return
         if self.pictures.enabled:
             start = time.perf_counter()
@@ -383,7 +384,7 @@ class FIMNormCallback(Callback):
             for board in dashboards(trainer):
                 _warn_on_failure(
                     f"uploading the run folder to {type(board.logger).__name__}",
-                    lambda b=board: b.artifact(self.folder.path, f"fimcb-{self.run_id}"),  # type: ignore[union-attr]
+                    partial(board.artifact, self.folder.path, f"fimcb-{self.run_id}"),
                 )
         spent = ", ".join(f"{seconds:.1f} s {what}" for what, seconds in self.seconds.items())
         total = time.perf_counter() - self._fit_start
@@ -400,7 +401,7 @@ class FIMNormCallback(Callback):
             return None
         fit_loader, test_loader, ood_loaders = loaders
         metric = copy.deepcopy(resolve_metric(self.scoring.metric))  # refitted to the weights of the moment
-        smoke = bool(trainer.fast_dev_run)
+        smoke = is_smoke_test(trainer)
         limit = SMOKE_SAMPLES * self.scoring.group_size if smoke else self.evaluation.max_samples
         if smoke and limit is not None and isinstance(getattr(metric, "n_samples", None), int):
             metric.n_samples = min(metric.n_samples, limit)  # type: ignore[attr-defined]
@@ -459,7 +460,7 @@ class FIMNormCallback(Callback):
     def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
         """Held-out in-distribution (fit), test and OOD loaders: the callback's own, else the trainer's
         validation loader and the datamodule's; ``None`` with a warning when some are missing."""
-        datamodule = trainer.datamodule
+        datamodule = datamodule_of(trainer)
         ood = self.ood_loaders
         if ood is None and hasattr(datamodule, "ood_dataloaders"):
             ood = datamodule.ood_dataloaders()
@@ -482,7 +483,7 @@ class FIMNormCallback(Callback):
             )
             return None
         fit = fit[0] if isinstance(fit, Sequence) else fit
-        return fit, test, ood
+        return fit, test, ood or {}
 
     def _write_pictures(
         self,
@@ -512,7 +513,7 @@ class FIMNormCallback(Callback):
             if board.shows_pictures:
                 _warn_on_failure(
                     f"logging the pictures to {type(board.logger).__name__}",
-                    lambda b=board: self._show(b, run, paths, trainer.global_step),
+                    partial(self._show, board, run, paths, trainer.global_step),
                 )
 
     def _show(self, board: Dashboard, run: RunArtifacts, paths: Mapping[str, Path], step: int) -> None:
@@ -522,9 +523,10 @@ class FIMNormCallback(Callback):
             board.png(f"{prefix}/{name}", path, step)
         if run.history is not None:
             board.table(f"{prefix}/trajectories", *trajectory_rows(run.history), step)
-        for method in (run.ood_scores or {}).get("test", {}):
+        scores = run.ood_scores or {}
+        for method in scores.get("test", {}):
             board.curves(
-                f"{prefix}/roc/{method}", roc_curves_of(run.ood_scores, method), step, f"ROC: {method}", "FPR"
+                f"{prefix}/roc/{method}", roc_curves_of(scores, method), step, f"ROC: {method}", "FPR"
             )
 
     def _novel_samples(
@@ -541,7 +543,7 @@ class FIMNormCallback(Callback):
             k=self.pictures.n_novel,
             group_size=self.scoring.group_size,
             saliency=self.pictures.saliency,
-            decode=getattr(trainer.datamodule, "decode", None),
+            decode=getattr(datamodule_of(trainer), "decode", None),
             train_inputs=train_inputs,
             train_ids=train_ids,
         )

@@ -56,7 +56,7 @@ def main(args: Sequence[str] | None = None, default_config: str | Path | None = 
     """Run the CLI; with no arguments at all, ``fit`` the ``default_config``."""
     given = sys.argv[1:] if args is None else list(args)
     if not given and default_config is not None:
-        args = ["fit", "--config", str(default_config)]
+        given = ["fit", "--config", str(default_config)]
     # Denormal floats make early CPU training steps several times slower (METHOD.md §9).
     torch.set_flush_denormal(True)
     return FIMCLI(
@@ -64,6 +64,6 @@ def main(args: Sequence[str] | None = None, default_config: str | Path | None = 
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args,
+        args=given,
         save_config_kwargs={"overwrite": True},
     )

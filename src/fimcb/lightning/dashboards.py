@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -22,11 +23,12 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_png, read_file
 from torchvision.utils import save_image
 
-from fimcb.lightning.runs import logger_folder
+from fimcb.lightning.runs import is_smoke_test, logger_folder
 
 HISTOGRAM_BINS = 64
 CURVE_POINTS = 200  # points per curve of an interactive chart (a ROC curve has one per sample)
-Curve = tuple[Sequence[float], Sequence[float]]
+Points = Sequence[float] | np.ndarray
+Curve = tuple[Points, Points]
 
 
 class Dashboard:
@@ -84,7 +86,8 @@ class WandbDashboard(Dashboard):
 
         finite = values[torch.isfinite(values)].double().cpu().numpy()
         if len(finite):
-            self.logger.log_metrics({key: wandb.Histogram(finite, num_bins=HISTOGRAM_BINS)}, step=step)
+            histogram = wandb.Histogram(finite.tolist(), num_bins=HISTOGRAM_BINS)
+            self.logger.log_metrics({key: histogram}, step=step)
 
     def image(self, key: str, image: Tensor, step: int) -> None:
         self.logger.log_image(key=key, images=[image], step=step)
@@ -202,14 +205,14 @@ def log_text(trainer: L.Trainer, key: str, texts: list[str], step: int) -> None:
 def _sample_file(trainer: L.Trainer, folder: str, key: str, step: int, suffix: str) -> Path | None:
     """``<run's logger folder>/<folder>/<key>_step<step><suffix>`` (its folder made) on rank zero, else
     ``None``: in each run's own folder, whatever the logger (:func:`fimcb.lightning.runs.logger_folder`)."""
-    if not trainer.is_global_zero or trainer.fast_dev_run:  # a smoke test writes no files
+    if not trainer.is_global_zero or is_smoke_test(trainer):  # a smoke test writes no files
         return None
     path = logger_folder(trainer, new_version=False) / folder / f"{key}_step{step:07d}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _thinned(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+def _thinned(x: Points, y: Points) -> tuple[list[float], list[float]]:
     """At most ``CURVE_POINTS`` of a curve's own points, evenly spaced along it, first and last kept."""
     keep = (
         sorted({round(i * (len(x) - 1) / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)}) if len(x) else []

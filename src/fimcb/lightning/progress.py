@@ -35,7 +35,7 @@ class _RichTask:
 def progress_bar(trainer: L.Trainer, wanted: bool) -> Callable[..., Any] | None:
     """A factory with tqdm's signature for the bars of one scoring pass, or ``None`` for no bar."""
     bar = trainer.progress_bar_callback
-    if not (wanted and trainer.is_global_zero and bar is not None and bar.is_enabled):
+    if not (wanted and trainer.is_global_zero and bar is not None and getattr(bar, "is_enabled", True)):
         return None
     if isinstance(bar, TQDMProgressBar):
         position = 2 * bar.process_position + 1

@@ -87,3 +87,14 @@ def _decide(trainer: L.Trainer, run_id: str, restored: str | None, subfolder: st
         folder = other
     folder.add_logger_folder(base)
     return str(folder.path), run_id
+
+
+def is_smoke_test(trainer: L.Trainer) -> bool:
+    """Whether this is a ``fast_dev_run`` (an attribute Lightning sets at run time, not in ``Trainer``'s
+    annotations): a smoke test that writes no files."""
+    return bool(getattr(trainer, "fast_dev_run", False))
+
+
+def datamodule_of(trainer: L.Trainer) -> Any:
+    """The datamodule passed to ``fit`` (``None`` without one; set at run time, like ``fast_dev_run``)."""
+    return getattr(trainer, "datamodule", None)

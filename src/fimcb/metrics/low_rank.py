@@ -159,9 +159,7 @@ class LowRank(FittedMetric):
         super().__init__(fisher, check_int("n_reference", n_reference), batch_size, seed)
         self.damping = check_positive_float("damping", damping)
         self.relative_damping = check_bool("relative_damping", relative_damping)
-        self.projection_dim = (
-            None if projection_dim is None else check_int("projection_dim", projection_dim)
-        )
+        self.projection_dim = None if projection_dim is None else check_int("projection_dim", projection_dim)
         self.online = check_bool("online", online)
         self.layers: dict[str, _Layer] = {}
 
@@ -222,7 +220,7 @@ class LowRank(FittedMetric):
         sketches: dict[str, CountSketch | None],
     ) -> dict[str, _Layer]:
         """Two passes: squared norms (N and δ_l, cheap), then Sherman–Morrison updates per reference."""
-        dims = {n: p.numel() if sketches[n] is None else sketches[n].dim for n, p in params.items()}
+        dims = {n: p.numel() if (s := sketches[n]) is None else s.dim for n, p in params.items()}
         too_big = {n: d for n, d in dims.items() if d > ONLINE_MAX_DIM}
         if too_big:
             raise ValueError(

@@ -76,7 +76,12 @@ class LikelihoodModule(L.LightningModule):
         loss = -ll.mean()
         # Training logs per step (rank zero's batch); validation and test average over all DDP ranks.
         train = split == "train"
-        options = {"on_step": train, "on_epoch": True, "sync_dist": not train, "batch_size": len(x)}
+        options: dict[str, Any] = {
+            "on_step": train,
+            "on_epoch": True,
+            "sync_dist": not train,
+            "batch_size": len(x),
+        }
         self.log(f"{split}/nll", loss, **options)
         self.log(f"{split}/{self.unit}", self.per_dim(ll).mean(), prog_bar=True, **options)
         for name, value in extra.items():

@@ -22,7 +22,8 @@ needs. ``likelihood="simple"`` gives the score of the method's paper instead (se
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterable, Sequence
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,7 @@ class ResBlock(nn.Module):
         self.emb = nn.Linear(emb_dim, 2 * out_channels)
         self.norm2 = group_norm(out_channels, n_groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        assert self.conv2.bias is not None  # bias=True
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -133,6 +135,7 @@ class UNet(nn.Module):
                 width = widths[i - 1]
         self.norm_out = group_norm(width, n_groups)
         self.conv_out = nn.Conv2d(width, in_channels, 3, padding=1)
+        assert self.conv_out.bias is not None  # bias=True
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -144,16 +147,16 @@ class UNet(nn.Module):
         h = self.conv_in(torch.cat(features, dim=1))
         skips = []
         for i, blocks in enumerate(self.down):
-            for block in blocks:
+            for block in cast(Iterable[ResBlock], blocks):
                 h = block(h, emb)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
-        for block in self.mid:
+        for block in cast(Iterable[ResBlock], self.mid):
             h = block(h, emb)
         for i, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop()], dim=1)
-            for block in blocks:
+            for block in cast(Iterable[ResBlock], blocks):
                 h = block(h, emb)
             if i < len(self.upsample):
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
@@ -299,15 +302,17 @@ class Diffusion(ImageLikelihoodModel):
         if self.likelihood == "simple":
             if self.training:
                 return -self.eps_error(data, torch.rand_like(ones), torch.randn_like(data))
+            assert seed is not None  # eval mode
             eps = seeded_normal(seed, shape, _SALT_DIFFUSION).to(x.dtype)
             return -self.eps_error(data, self.t_simple * ones, eps)
         if self.training:
             # t_b = (u + b / B) mod 1: stratified over the batch (VDM's low-discrepancy sampler), each uniform
             offsets = torch.arange(len(x), dtype=x.dtype, device=x.device) / len(x)
             times = [torch.remainder(torch.rand((), dtype=x.dtype, device=x.device) + offsets, 1.0)]
-            noises = [torch.randn_like(data)]
+            noises: Sequence[Tensor] = [torch.randn_like(data)]
             eps_0 = torch.randn_like(data)
         else:  # midpoint rule on n fixed times, an independent noise draw at each
+            assert seed is not None  # eval mode
             n = self.n_eval_timesteps
             times = [(i + 0.5) / n * ones for i in range(n)]
             noises = seeded_normal(seed, (n, *shape), _SALT_DIFFUSION).to(x.dtype).unbind(1)

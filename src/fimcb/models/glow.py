@@ -11,6 +11,8 @@ leaves the global RNG alone and can be differentiated per sample with ``torch.fu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ def unsqueeze2x2(x: Tensor) -> Tensor:
 def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
     """3x3 convolution initialised to output zeros, so new coupling/prior layers start as identity/N(0, 1)."""
     conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+    assert conv.bias is not None  # bias=True
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -49,6 +52,8 @@ def _zero_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
 class ActNorm(nn.Module):
     """Per-channel affine ``y = (x + bias) * exp(log_scale)``, initialised from the first training batch
     to zero mean and unit variance per channel. Never initialises (or mutates anything) in eval mode."""
+
+    initialized: Tensor  # buffer
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -83,6 +88,12 @@ class ActNorm(nn.Module):
 class InvConv1x1(nn.Module):
     """Invertible 1x1 convolution with ``W = P @ L @ (U + diag(sign_s * exp(log_s)))`` (LU form), which
     makes ``log|det W| = sum(log_s)`` cheap; initialised from a random rotation."""
+
+    # buffers
+    perm: Tensor
+    sign_s: Tensor
+    lower_mask: Tensor
+    eye: Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -264,7 +275,7 @@ class Glow(ImageLikelihoodModel):
         latents = []
         for level, steps in enumerate(self.levels):
             h = squeeze2x2(h)
-            for step in steps:
+            for step in cast(Iterable[FlowStep], steps):
                 h, step_log_det = step(h)
                 log_det = log_det + step_log_det
             if level < len(self.priors):
@@ -284,8 +295,8 @@ class Glow(ImageLikelihoodModel):
             if level < len(self.priors):
                 mean, log_std = self.priors[level](h)
                 h = torch.cat([h, mean + torch.exp(log_std) * temperature * latents[level]], dim=1)
-            for step in reversed(self.levels[level]):
-                h = step.inverse(h)
+            for step in reversed(cast(nn.ModuleList, self.levels[level])):
+                h = cast(FlowStep, step).inverse(h)
             h = unsqueeze2x2(h)
         return h
 

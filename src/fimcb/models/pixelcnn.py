@@ -16,6 +16,9 @@ gradients from its built-in convolution rule.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -152,7 +155,7 @@ class PixelCNN(ImageLikelihoodModel):
         ``i`` depend only on rows ``< i``."""
         v = shift_down(self.vertical_in(self._with_ones(u)))
         features = []
-        for block in self.blocks:
+        for block in cast(Iterable[GatedBlock], self.blocks):
             features.append(block.vertical(v))
             v = gate(features[-1])
         return features
@@ -205,7 +208,7 @@ class PixelCNN(ImageLikelihoodModel):
         per row; each pixel then runs the horizontal stack over its own row, up to itself.
         """
         channels, height, width = self.image_shape
-        weight = self.out[0].weight
+        weight = cast(nn.Conv2d, self.out[0]).weight
         levels = torch.zeros(n, channels, height, width, dtype=torch.int64, device=weight.device)
         u = torch.full(levels.shape, -1.0, dtype=weight.dtype, device=weight.device)
         for i in range(height):

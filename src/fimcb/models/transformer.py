@@ -82,6 +82,7 @@ class Transformer(LikelihoodModule):
     """
 
     unit = "nats_per_token"
+    positions: Tensor  # buffer
 
     def __init__(
         self,
@@ -210,7 +211,8 @@ class Transformer(LikelihoodModule):
 
     def log_samples(self) -> None:
         tokens = self.sample(self.n_samples, self._sample_prompts(self.n_samples)).cpu()
-        decode = getattr(self.trainer.datamodule, "decode", None)
+        # Trainer.datamodule is set at runtime by Lightning's data connector, absent from its annotations
+        decode = getattr(self.trainer.datamodule, "decode", None)  # type: ignore[attr-defined]
         texts = [decode(row) if decode is not None else " ".join(map(str, row.tolist())) for row in tokens]
         log_text(self.trainer, "samples", texts, step=self.global_step)
 

@@ -19,6 +19,7 @@ have exact per-sample rules in fimcb's hooks engine, and every layer is called o
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -172,7 +173,7 @@ class VAE(ImageLikelihoodModel):
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
         """``n`` images from the model: ``z`` from the prior, then every pixel from ``p(x|z)``."""
-        weight = self.decoder[0].weight
+        weight = cast(nn.Conv2d, self.decoder[0]).weight
         z = torch.randn(n, *self.latent_shape, dtype=weight.dtype, device=weight.device)
         levels = sample_discretized_logistic(*self.decode(z), self.num_levels)
         return levels.to(weight.dtype) / (self.num_levels - 1)

@@ -240,7 +240,7 @@ def score_histograms(scores: Scores, method: str) -> Figure:
                 label = name + (f" ({dropped} non-finite)" if dropped else "")
                 ax.hist(
                     v[np.isfinite(v)],
-                    bins=bins,
+                    bins=bins.tolist(),
                     density=True,
                     alpha=0.5,
                     color=_color(name, i),  # the OOD set's colour in roc_curves

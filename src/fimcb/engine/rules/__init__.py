@@ -36,7 +36,7 @@ class Call:
             gradient (samples are independent), zeros for an output the log-likelihood ignores.
     """
 
-    module: nn.Module
+    module: Any  # a module of the rule's type, whose own attributes the rule reads
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     outputs: list[Tensor]
@@ -46,8 +46,9 @@ class Call:
 class Rule(ABC):
     """Per-sample gradients of one module type's own parameters from a captured call."""
 
-    def supports(self, module: nn.Module) -> bool:
-        """Whether this configuration of the module is covered (otherwise: module-local fallback)."""
+    def supports(self, module: Any) -> bool:
+        """Whether this configuration of the module (one of the registered types) is covered; otherwise
+        the module's parameters take the module-local fallback."""
         return True
 
     @abstractmethod

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv1d_weight, conv2d_weight
+from torch.nn.modules.conv import _ConvNd
 
 from fimcb.core.metric import Identity
 from fimcb.engine.factors import BiasSum, Dense, Factor, NormRoute, OuterSum
@@ -86,8 +87,8 @@ class ConvFactor(Factor):
         return self.route is not ConvRoute.GROUPED
 
 
-def _options(module: nn.Module, padded: bool) -> dict[str, tuple[int, ...]]:
-    padding = (0,) * len(module.stride) if padded else tuple(module.padding)
+def _options(module: _ConvNd, padded: bool) -> dict[str, tuple[int, ...]]:
+    padding = (0,) * len(module.stride) if padded else tuple(int(p) for p in module.padding)
     return {"stride": tuple(module.stride), "padding": padding, "dilation": tuple(module.dilation)}
 
 
@@ -131,7 +132,7 @@ def _fastest(
     return make(_ROUTES[key])
 
 
-def _unfold(x: Tensor, module: nn.Module, padded: bool) -> Tensor:
+def _unfold(x: Tensor, module: _ConvNd, padded: bool) -> Tensor:
     """``[B, positions, C * kernel]`` columns of a 1-d or 2-d tensor, with the module's geometry."""
     options = {"kernel_size": tuple(module.kernel_size), **_options(module, padded)}
     if all(v == 1 for v in options["kernel_size"] + options["stride"]) and not any(options["padding"]):
@@ -143,7 +144,7 @@ def _unfold(x: Tensor, module: nn.Module, padded: bool) -> Tensor:
 
 
 def _weight_factor(
-    module: nn.Module,
+    module: _ConvNd,
     side: Tensor,
     unfolded: Tensor,
     conv_input: Tensor,
@@ -184,7 +185,7 @@ def _weight_factor(
     return _fastest(key, module.weight.shape, make, ghost)
 
 
-def _padded_input(module: nn.Module, x: Tensor) -> tuple[Tensor, bool]:
+def _padded_input(module: _ConvNd, x: Tensor) -> tuple[Tensor, bool]:
     """The input as the convolution sees it: padded explicitly unless the padding is plain zeros that
     unfolding and the weight-gradient convolution can add themselves (then ``False``)."""
     if module.padding_mode == "zeros" and not isinstance(module.padding, str):
@@ -199,7 +200,7 @@ def _bias(grad: Tensor) -> Factor:
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
-    def supports(self, module: nn.Module) -> bool:
+    def supports(self, module: _ConvNd) -> bool:
         return module.groups == 1
 
     def factors(self, call: Call) -> dict[str, Factor]:
@@ -216,7 +217,7 @@ class ConvTransposeRule(Rule):
     """``y = conv_transpose(a, W)`` is the adjoint of ``conv(·, W)``: its weight gradient is that of a
     convolution from the output gradient to the input."""
 
-    def supports(self, module: nn.Module) -> bool:
+    def supports(self, module: _ConvNd) -> bool:
         return (
             module.groups == 1
             and module.padding_mode == "zeros"

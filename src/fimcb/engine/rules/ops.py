@@ -156,7 +156,7 @@ class BroadcastingRule(OpRule):
         return op.call(leaves)
 
     def factors(self, op: OpCall, grads: list[Tensor]) -> dict[int, Factor]:
-        out = {}
+        out: dict[int, Factor] = {}
         for (position, w), g in zip(op.weights.items(), grads, strict=True):
             per_sample = g.reshape(op.batch, g.shape[0] // op.batch, *g.shape[1:]).sum(1)
             out[position] = Dense(per_sample.reshape(op.batch, *w.shape))

@@ -5,6 +5,8 @@ masked linear layers of MAF and NSF). diffusers' ``UNet2DModel`` is built from t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -42,9 +44,7 @@ class MaskedLinearRule(Rule):
         return out
 
 
-def _rms_factors(
-    module: nn.Module, x: Tensor, grad: Tensor, eps: float, dtype: torch.dtype
-) -> dict[str, Factor]:
+def _rms_factors(module: Any, x: Tensor, grad: Tensor, eps: float, dtype: torch.dtype) -> dict[str, Factor]:
     """``y = w ⊙ x / rms(x)`` over the last dimensions, the statistics computed in ``dtype`` as the layer
     does: ``∇w = Σ x̂ ⊙ g`` over the other positions."""
     weight = module.weight
@@ -58,7 +58,7 @@ def _rms_factors(
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(Rule):
-    def supports(self, module: nn.Module) -> bool:
+    def supports(self, module: Any) -> bool:
         return module.weight is not None
 
     def factors(self, call: Call) -> dict[str, Factor]:
