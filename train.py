@@ -6,7 +6,7 @@ python train.py fit --config configs/glow_fashionmnist.yaml --data.root ../share
 
 from pathlib import Path
 
-from fimcb.lightning.cli import main
+from fimcb.cli import main
 
 if __name__ == "__main__":
     main(default_config=Path(__file__).resolve().parent / "configs" / "default.yaml")

@@ -12,7 +12,7 @@ import yaml
 from lightning import LightningDataModule, LightningModule
 
 from fimcb import FIMNormCallback
-from fimcb.lightning.cli import FIMCLI
+from fimcb.cli import FIMCLI
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fimcb.lightning.cli import FIMCLI, main
+from fimcb.cli import FIMCLI, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false"]

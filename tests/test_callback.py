@@ -403,12 +403,12 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
     first = queries[0]
     train_x = torch.stack([train_set[int(i)][0] for i in first["top"]["index"]])
     torch.testing.assert_close(first["top"]["input"], train_x)
-    direct = influence(model, first["input"][None], train_x)[0]
+    direct = influence(model, first["input"][None], train_x).values[0]
     torch.testing.assert_close(
         first["top"]["value"], direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max())
     )
     probe = torch.stack([train_set[i][0] for i in callback.probe_indices["influence"]])
-    everyone = influence(model, first["input"][None], probe)[0]  # the whole influence probe, by hand
+    everyone = influence(model, first["input"][None], probe).values[0]  # the whole influence probe, by hand
     torch.testing.assert_close(first["top"]["value"], everyone.sort(descending=True).values[:6])
     torch.testing.assert_close(first["bottom"]["value"], everyone.sort().values[:6])
 

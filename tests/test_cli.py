@@ -11,7 +11,7 @@ import yaml
 from cli_runs import CONFIGS, run_config
 from lightning.pytorch import LightningDataModule
 
-from fimcb.lightning.cli import FIMCLI, main
+from fimcb.cli import FIMCLI, main
 from fimcb.models import LikelihoodModule
 
 TINY = [

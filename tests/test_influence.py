@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from toy_models import MLPEnergy
 
-from fimcb.attribution.influence import TopInfluences, influence, top_influences
+from fimcb.attribution.influence import Influences, TopInfluences, influence, top_influences
 from fimcb.core.metric import polarised_inner_products
 from fimcb.metrics import KFAC, FittedDiagonal, LayerScalar, LowRank, Metric, resolve_metric
 
@@ -180,27 +180,29 @@ def test_influence_matches_naive_double_loop(kind: str) -> None:
     model, metric, inverses, test_x = _fitted(kind)
     queries, data = test_x[:3], _data()[1]
     expected = _naive_influence(model, queries, data, inverses)
-    got = influence(model, queries, data, metric=metric)
+    got = influence(model, queries, data, metric=metric).values
     assert got.shape == (3, 10)
     torch.testing.assert_close(got, expected)
     # normalised: the cosine in the metric, with the norms of the same dense reference
     norms = [torch.diagonal(_naive_influence(model, x, x, inverses)) for x in (queries, data)]
-    cosine = influence(model, queries, data, metric=metric, normalize=True)
+    cosine = influence(model, queries, data, metric=metric, normalize=True).values
     torch.testing.assert_close(cosine, expected / (norms[0][:, None] * norms[1][None, :]).sqrt())
 
 
 def test_data_as_tensor_loader_and_chunks_agree() -> None:
     model, metric, _, test_x = _fitted("kfac")
     data = torch.cat([_data()[1], test_x])
-    expected = influence(model, test_x[:4], data, metric=metric)
+    expected = influence(model, test_x[:4], data, metric=metric).values
     ids = torch.arange(100, 100 + len(data))
     loader = DataLoader(TensorDataset(data, torch.zeros(len(data)), ids), batch_size=4)
-    dicts = [{"x": data[:7], "id": ids[:7]}, {"x": data[7:7]}, {"x": data[7:]}]  # an empty batch too
-    for source in (loader, dicts, [data[:5], data[5:]]):
-        torch.testing.assert_close(influence(model, test_x[:4], source, metric=metric), expected)
+    dicts = [{"x": data[:7], "id": ids[:7]}, {"x": data[7:7]}, {"x": data[7:], "id": ids[7:]}]  # one empty
+    for source, source_ids in ((loader, ids), (dicts, ids), ([data[:5], data[5:]], torch.arange(len(data)))):
+        found = influence(model, test_x[:4], source, metric=metric)
+        torch.testing.assert_close(found.values, expected)
+        assert torch.equal(found.ids, source_ids)
     for chunk_size in (1, 3):
         torch.testing.assert_close(
-            influence(model, test_x[:4], loader, metric=metric, chunk_size=chunk_size), expected
+            influence(model, test_x[:4], loader, metric=metric, chunk_size=chunk_size).values, expected
         )
 
 
@@ -208,7 +210,7 @@ def test_data_as_tensor_loader_and_chunks_agree() -> None:
 def test_normalized_influence_is_a_cosine(kind: str) -> None:
     model, metric, _, _ = _fitted(kind)
     data = _data()[1]
-    cosine = influence(model, data[:4], data, metric=metric, normalize=True, chunk_size=3)
+    cosine = influence(model, data[:4], data, metric=metric, normalize=True, chunk_size=3).values
     assert ((cosine >= -1) & (cosine <= 1)).all()
     torch.testing.assert_close(cosine[:, :4].diagonal(), torch.ones(4, dtype=F64))
     assert (cosine[:, 4:] < 1 - 1e-6).all()  # other samples point elsewhere
@@ -218,8 +220,8 @@ def test_normalized_influence_of_a_zero_gradient_is_zero() -> None:
     torch.manual_seed(0)
     model = MLPEnergy(3, [4], "tanh", bias=False).double()  # x = 0: every activation and gradient is 0
     x = torch.cat([torch.zeros(1, 3, dtype=F64), torch.randn(4, 3, dtype=F64)])
-    assert influence(model, x, x).abs()[0].max() == 0
-    cosine = influence(model, x, x, normalize=True)
+    assert influence(model, x, x).values.abs()[0].max() == 0
+    cosine = influence(model, x, x, normalize=True).values
     assert cosine.isfinite().all() and cosine[0].abs().max() == 0 and cosine[:, 0].abs().max() == 0
     torch.testing.assert_close(cosine[1:, 1:].diagonal(), torch.ones(4, dtype=F64))
 
@@ -228,7 +230,7 @@ def test_influence_defaults_to_identity_and_keeps_float32() -> None:
     torch.manual_seed(0)
     model = MLPEnergy(3, [4], "tanh", bias=True)
     x = torch.randn(6, 3)
-    got = influence(model, x[:2], x)
+    got = influence(model, x[:2], x).values
     assert got.dtype == torch.float32
     x, model = x.double(), model.double()
     expected = _naive_influence(model, x[:2], x, _dense_inverses("identity", resolve_metric(None), model, x))
@@ -262,33 +264,53 @@ def test_influence_errors() -> None:
 
 def test_top_influences_match_sorting_by_hand() -> None:
     values = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=F64)
-    ids = [10 * j + 7 for j in range(9)]
-    result = top_influences(values, 3, ids=ids)
+    ids = torch.tensor([10 * j + 7 for j in range(9)])
+    result = Influences(values, ids).top(3)
     assert isinstance(result, TopInfluences)
     for q, row in enumerate(values.tolist()):
         order = sorted(range(9), key=lambda j, row=row: row[j])
-        assert result.top.indices[q].tolist() == [ids[j] for j in order[::-1][:3]]
-        assert result.bottom.indices[q].tolist() == [ids[j] for j in order[:3]]
+        assert result.top.columns[q].tolist() == order[::-1][:3]
+        assert result.top.ids[q].tolist() == [ids[j] for j in order[::-1][:3]]
+        assert result.bottom.ids[q].tolist() == [ids[j] for j in order[:3]]
         assert result.top.values[q].tolist() == [row[j] for j in order[::-1][:3]]
         assert result.bottom.values[q].tolist() == [row[j] for j in order[:3]]
-    plain = top_influences(values, 20)  # k > N: clamped, every column ranked
+    every = top_influences(Influences(values, torch.arange(9)), 20)  # k > N: clamped, every column ranked
     expected = torch.sort(values, dim=1, descending=True)
-    assert torch.equal(plain.top.values, expected.values) and torch.equal(plain.top.indices, expected.indices)
-    assert torch.equal(plain.bottom.indices, expected.indices.flip(1))
+    assert torch.equal(every.top.values, expected.values) and torch.equal(every.top.ids, expected.indices)
+    assert torch.equal(every.bottom.columns, expected.indices.flip(1))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        result.top = plain.top  # type: ignore[misc]
+        result.top = every.top  # type: ignore[misc]
+
+
+def test_influences_carry_the_ids_of_a_shuffled_loader() -> None:
+    """The columns name the samples the loader gave, in its (shuffled) order: ranking by id picks the
+    same training samples as ranking a fixed-order pass."""
+    model = _model()
+    data = torch.randn(24, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    dataset = TensorDataset(data, torch.zeros(len(data)), torch.arange(100, 124))
+    shuffled = DataLoader(dataset, batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(3))
+    queries = data[:3]
+    fixed = influence(model, queries, data)
+    mixed = influence(model, queries, shuffled)
+    assert sorted(mixed.ids.tolist()) == list(range(100, 124)) and mixed.ids.tolist() != sorted(mixed.ids)
+    torch.testing.assert_close(mixed.values[:, mixed.ids.argsort()], fixed.values)
+    assert torch.equal(fixed.ids, torch.arange(24))  # a bare tensor: running positions
+    best = mixed.top(4)
+    assert torch.equal(best.top.ids - 100, fixed.top(4).top.ids)
+    with pytest.raises(ValueError, match="some data batches carry sample ids"):
+        influence(model, queries, [data[:4], (data[4:8], None, torch.arange(4))])
 
 
 @pytest.mark.parametrize(
-    ("values", "k", "ids", "match"),
+    ("values", "ids", "k", "match"),
     [
-        (torch.zeros(3), 1, None, r"\[Q, N\]"),
-        (torch.zeros(2, 0), 1, None, r"\[Q, N\]"),
-        (torch.tensor([[0.0, float("nan")]]), 1, None, "NaN"),
-        (torch.zeros(2, 3), 0, None, "positive integer"),
-        (torch.zeros(2, 3), 1, torch.arange(4), "one id per column"),
+        (torch.zeros(3), torch.arange(3), 1, r"\[Q, N\]"),
+        (torch.zeros(2, 0), torch.arange(0), 1, r"\[Q, N\]"),
+        (torch.tensor([[0.0, float("nan")]]), torch.arange(2), 1, "NaN"),
+        (torch.zeros(2, 3), torch.arange(3), 0, "positive integer"),
+        (torch.zeros(2, 3), torch.arange(4), 1, "one id per column"),
     ],
 )
-def test_top_influences_errors(values: Tensor, k: int, ids: Tensor | None, match: str) -> None:
+def test_top_influences_errors(values: Tensor, ids: Tensor, k: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        top_influences(values, k, ids=ids)
+        Influences(values, ids).top(k)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fimcb.attribution.influence import influence, top_influences
+from fimcb.attribution.influence import Influences, influence, top_influences
 from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.core.protocol import LikelihoodModel, ModelProtocolError
 from fimcb.detectors import DETECTORS, Detector, build_detector
@@ -37,6 +37,7 @@ __all__ = [
     "Detector",
     "FIMNormCallback",
     "Identity",
+    "Influences",
     "LayerNorms",
     "LikelihoodModel",
     "Metric",

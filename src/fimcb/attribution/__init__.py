@@ -1,6 +1,6 @@
 """Where novelty comes from: input saliency by double backpropagation and influence of training samples."""
 
-from fimcb.attribution.influence import influence, top_influences
+from fimcb.attribution.influence import Influences, influence, top_influences
 from fimcb.attribution.saliency import input_saliency, saliency_map
 
-__all__ = ["influence", "input_saliency", "saliency_map", "top_influences"]
+__all__ = ["Influences", "influence", "input_saliency", "saliency_map", "top_influences"]

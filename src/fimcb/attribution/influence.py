@@ -10,7 +10,7 @@ per parameter tensor (block-diagonal over layers), so the value is a sum over pa
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial, reduce
 from typing import Any, NamedTuple
@@ -33,8 +33,8 @@ def influence(
     log_likelihood: LogLikelihoodFn | None = None,
     chunk_size: int | None = None,
     normalize: bool = False,
-) -> Tensor:
-    """``[Q, N]`` influences ``s_qᵀ F⁻¹ s_n`` between each query and each data sample.
+) -> Influences:
+    """Influences ``s_qᵀ F⁻¹ s_n`` between each query and each data sample, with the data's sample ids.
 
     Entry ``(q, n)`` is, to first order, how much a natural-gradient step of unit size on query ``q``
     raises ``log p`` of data sample ``n`` (and, F⁻¹ being symmetric, the other way round).
@@ -43,14 +43,16 @@ def influence(
         model: any ``nn.Module`` with ``log_likelihood(x) -> [B]`` (or pass ``log_likelihood``).
         queries: a batch ``[Q, ...]``; their gradients are taken once and kept.
         data: a batch ``[N, ...]`` or an iterable of batches (a DataLoader; tensors, ``(x, target, id)``
-            sequences or dicts with key ``x``), streamed chunk by chunk; columns follow its order.
+            sequences or dicts with keys ``x`` and ``id``), streamed chunk by chunk.
         metric: the Fisher approximation, fitted beforehand (default: identity, plain dot products).
         log_likelihood: overrides ``model.log_likelihood``; must compute through ``model``.
         chunk_size: samples per chunk of materialised gradients (default: sized from the parameters).
         normalize: divide by both FIM-norms: the cosine of the angle in the metric, in ``[-1, 1]``
             (1 for a sample with itself; 0 where either gradient is zero).
 
-    The result lies on the model's device, in its parameters' dtype. Runs the model in eval mode.
+    The columns follow the order in which ``data`` was read and carry the sample ids its batches hold
+    (running positions ``0 .. N-1`` when they hold none), so a shuffled loader gives the right samples.
+    The values lie on the model's device, in its parameters' dtype. Runs the model in eval mode.
     """
     metric = resolve_metric(metric)
     if not metric.fitted:
@@ -61,8 +63,9 @@ def influence(
         check_int("chunk_size", chunk_size)
     gradients = partial(per_sample_gradients, model, log_likelihood=log_likelihood, chunk_size=chunk_size)
     q_grads = _concatenated(gradients(_checked(queries, "queries")))
-    columns, data_norms = [], []
-    for x in _inputs(data):
+    columns, data_norms, ids = [], [], []
+    for x, batch_ids in _inputs(data):
+        ids.append(batch_ids)
         for grads, _ in gradients(x):
             columns.append(_total(metric.inner_products(n, q_grads[n], g) for n, g in grads.items()))
             if normalize:
@@ -70,18 +73,20 @@ def influence(
     if not columns:
         raise ValueError("data holds no samples: pass a non-empty batch or loader")
     values = torch.cat(columns, dim=1)
-    if not normalize:
-        return values
-    scale = (_squared_norms(metric, q_grads)[:, None] * torch.cat(data_norms)[None, :]).sqrt()
-    cosine = torch.where(scale > 0, values / scale, torch.zeros_like(values))
-    return cosine.clamp(-1.0, 1.0)  # Cauchy–Schwarz holds exactly; only rounding steps outside
+    if normalize:
+        scale = (_squared_norms(metric, q_grads)[:, None] * torch.cat(data_norms)[None, :]).sqrt()
+        cosine = torch.where(scale > 0, values / scale, torch.zeros_like(values))
+        values = cosine.clamp(-1.0, 1.0)  # Cauchy–Schwarz holds exactly; only rounding steps outside
+    return Influences(values, _column_ids(ids, values.shape[1]))
 
 
 class Ranked(NamedTuple):
-    """``[Q, k]`` values and the indices (or ids) of the samples they belong to, one row per query."""
+    """``[Q, k]`` values, the sample ids and the column positions of the samples they belong to, one row
+    per query."""
 
     values: Tensor
-    indices: Tensor
+    ids: Tensor
+    columns: Tensor
 
 
 @dataclass(frozen=True)
@@ -93,27 +98,43 @@ class TopInfluences:
     bottom: Ranked
 
 
-def top_influences(values: Tensor, k: int, *, ids: Tensor | Sequence[int] | None = None) -> TopInfluences:
-    """The ``k`` largest and ``k`` smallest entries of each row of ``values`` ``[Q, N]`` (as returned by
-    :func:`influence`), with their column indices, mapped through ``ids`` ``[N]`` when given (for
-    example the data's sample ids); ``k`` larger than ``N`` is clamped to ``N``."""
-    if not isinstance(values, Tensor) or values.ndim != 2 or values.shape[1] == 0:
-        shape = list(values.shape) if isinstance(values, Tensor) else type(values).__name__
-        raise ValueError(f"values must be a [Q, N] tensor with N >= 1, got {shape}")
+@dataclass(frozen=True)
+class Influences:
+    """``values`` ``[Q, N]`` (queries × data samples) and the data samples' ``ids`` ``[N]``."""
+
+    values: Tensor
+    ids: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, Tensor) or self.values.ndim != 2 or self.values.shape[1] == 0:
+            shape = list(self.values.shape) if isinstance(self.values, Tensor) else type(self.values).__name__
+            raise ValueError(f"values must be a [Q, N] tensor with N >= 1, got {shape}")
+        if not isinstance(self.ids, Tensor) or self.ids.shape != self.values.shape[1:]:
+            shape = list(self.ids.shape) if isinstance(self.ids, Tensor) else type(self.ids).__name__
+            raise ValueError(
+                f"ids must hold one id per column of values, [{self.values.shape[1]}], got {shape}"
+            )
+
+    def top(self, k: int) -> TopInfluences:
+        """The ``k`` largest and ``k`` smallest entries of each row, with their samples' ids; ``k`` larger
+        than ``N`` is clamped to ``N``."""
+        return top_influences(self, k)
+
+
+def top_influences(influences: Influences, k: int) -> TopInfluences:
+    """The ``k`` largest and ``k`` smallest influences of each query (see :meth:`Influences.top`)."""
+    values = influences.values
     if torch.isnan(values).any():
         raise ValueError("values contain NaN: the gradients of some samples are not finite")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     k = min(k, values.shape[1])
-    top, bottom = values.topk(k, dim=1), values.topk(k, dim=1, largest=False)
-    if ids is None:
-        return TopInfluences(Ranked(*top), Ranked(*bottom))
-    ids = torch.as_tensor(ids, device=values.device)
-    if ids.shape != values.shape[1:]:
-        raise ValueError(
-            f"ids must hold one id per column of values, [{values.shape[1]}], got {list(ids.shape)}"
-        )
-    return TopInfluences(Ranked(top.values, ids[top.indices]), Ranked(bottom.values, ids[bottom.indices]))
+    ids = influences.ids.to(values.device)
+    ranked = []
+    for largest in (True, False):
+        best = values.topk(k, dim=1, largest=largest)
+        ranked.append(Ranked(best.values, ids[best.indices], best.indices))
+    return TopInfluences(*ranked)
 
 
 def _checked(x: Any, what: str) -> Tensor:
@@ -127,15 +148,24 @@ def _checked(x: Any, what: str) -> Tensor:
     return x
 
 
-def _inputs(data: Tensor | Iterable[Any]) -> Iterator[Tensor]:
-    """The input batches of ``data`` (one tensor, or the inputs of each batch of an iterable)."""
+def _inputs(data: Tensor | Iterable[Any]) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """The input batches of ``data`` (one tensor, or each batch of an iterable) with their sample ids."""
     if isinstance(data, Tensor):
-        yield _checked(data, "data")
+        yield _checked(data, "data"), None
         return
     for batch in data:
-        x, _ = unpack_batch(batch)
+        x, ids = unpack_batch(batch)
         if len(x):
-            yield _checked(x, "a data batch")
+            yield _checked(x, "a data batch"), ids
+
+
+def _column_ids(per_batch: list[Tensor | None], n: int) -> Tensor:
+    """The ids of all ``n`` columns: the batches' own, or running positions when no batch carries any."""
+    if all(ids is None for ids in per_batch):
+        return torch.arange(n)
+    if any(ids is None for ids in per_batch):
+        raise ValueError("some data batches carry sample ids and others do not: give every batch its ids")
+    return torch.cat([ids.detach().cpu().reshape(-1) for ids in per_batch if ids is not None])
 
 
 def _concatenated(chunks: Iterable[tuple[dict[str, Tensor], Tensor]]) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""The Lightning layer on top of the library: the callback, the command line, logger dashboards."""
+"""The Lightning layer on top of the library: the callback, its options, run folders and logger dashboards."""
 
 from fimcb.lightning.callback import FIMNormCallback
 

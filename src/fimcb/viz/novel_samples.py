@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fimcb.attribution.influence import influence, top_influences
+from fimcb.attribution.influence import influence
 from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.core.metric import Metric
 from fimcb.core.protocol import unpack_batch
@@ -131,17 +131,18 @@ def _influence(
     m: int,
     decode: Callable[[Tensor], str] | None,
 ) -> dict[str, Any]:
-    values = influence(model, torch.stack([q["input"] for q in queries]), train_inputs, metric=metric)
-    ranked = top_influences(values, m)  # column positions: the ids are mapped below with the inputs
     ids = train_ids if train_ids is not None else torch.arange(len(train_inputs))
+    training = [{"x": train_inputs, "id": ids}]
+    ranked = influence(model, torch.stack([q["input"] for q in queries]), training, metric=metric).top(m)
     for i, query in enumerate(queries):
         if decode is not None:
             query["text"] = decode(query["input"])
-        for side, (vals, positions) in (("top", ranked.top), ("bottom", ranked.bottom)):
-            inputs = train_inputs[positions[i].cpu()]
+        for side, best in (("top", ranked.top), ("bottom", ranked.bottom)):
+            columns = best.columns[i].cpu()
+            inputs = train_inputs[columns]
             query[side] = {
-                "index": ids[positions[i].cpu()],
-                "value": vals[i].cpu(),
+                "index": best.ids[i].cpu(),
+                "value": best.values[i].cpu(),
                 "input": inputs,
                 **_text(inputs, decode),
             }
