@@ -55,7 +55,7 @@ def test_adapters_are_chosen_by_logger_class(tmp_path: Path) -> None:
 
     register_dashboard("MyLogger", MyDashboard)
     assert type(dashboard_for(MyLogger(tmp_path))) is MyDashboard
-    register_dashboard("MyLogger", Dashboard)
+    register_dashboard("MyLogger", Dashboard, overwrite=True)
 
 
 def test_tensorboard_receives_histograms_images_and_tables(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ combination, numpy float64 inverses, mpmath for extreme tails.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import mpmath
 import numpy as np
@@ -17,9 +18,17 @@ from hypothesis import strategies as st
 from scipy import stats
 from sklearn.covariance import LedoitWolf, ShrunkCovariance
 from sklearn.metrics import roc_auc_score
+from torch import Tensor
 
 from fimcb import LayerNorms
-from fimcb.detectors import Detector, FIMGaussian, NotFittedError, build_detector
+from fimcb.detectors import (
+    DETECTORS,
+    Detector,
+    FIMGaussian,
+    NotFittedError,
+    build_detector,
+    register_detector,
+)
 from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood, ledoit_wolf
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod, gamma_log_cdf_sf
 
@@ -322,3 +331,26 @@ def test_full_gaussian_with_likelihood_uses_the_likelihood_as_one_more_feature()
         test.log_likelihood,
     )
     torch.testing.assert_close(joint.score(test), expected.score(probe))
+
+
+def test_a_registered_detector_is_usable_by_name() -> None:
+    class Median(Detector):
+        """Distance of the total log norm from the fit set's median (a toy of a user's detector)."""
+
+        name = "median_distance_test"
+
+        def _fit(self, norms: LayerNorms) -> dict[str, Any]:
+            return {"median": norms.total.log().median()}
+
+        def _score(self, norms: LayerNorms) -> Tensor:
+            return (norms.total.log() - self.state["median"]).abs().double()
+
+    try:
+        assert register_detector(Median) is Median and isinstance(build_detector(Median.name), Median)
+        norms = _norms(torch.randn(20, 3, dtype=torch.float64))
+        detector = build_detector(Median.name).fit(norms)
+        torch.testing.assert_close(
+            detector.score(norms), (norms.total.log() - norms.total.log().median()).abs().double()
+        )
+    finally:
+        DETECTORS.pop(Median.name, None)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from toy_models import ConvEnergy
 
 from fimcb import FIMNormCallback, per_sample_layer_norms
-from fimcb.core.distributed import shard_units
+from fimcb.core.distributed import agreed, shard_units
 from fimcb.data import ImageDataModule
 from fimcb.evaluation.ood import evaluate_ood
 from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
@@ -70,9 +70,21 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         results = [_score(*case) for case in CASES]
-        torch.save((results, _fitted_metrics(rank, WORLD)), Path(out) / f"rank{rank}.pt")
+        torch.save((results, _fitted_metrics(rank, WORLD), _failure_seen(rank)), Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _failure_seen(rank: int) -> tuple[str, float]:
+    """What each rank sees when work fails on rank 1 only, and a collective call made after it."""
+    try:
+        agreed(lambda: 1 / 0 if rank == 1 else rank)
+        seen = "nothing"
+    except Exception as err:
+        seen = type(err).__name__
+    after = torch.ones(1)
+    dist.all_reduce(after)
+    return seen, float(after)
 
 
 @pytest.mark.parametrize(("n", "world"), [(7, 2), (8, 2), (5, 3), (1, 2)])
@@ -100,6 +112,11 @@ def test_sharded_scoring_equals_single_process(spawned: Path) -> None:
             assert torch.equal(got.ids, expected.ids), case
             torch.testing.assert_close(got.values, expected.values, rtol=1e-5, atol=0)
             torch.testing.assert_close(got.log_likelihood, expected.log_likelihood)
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank(spawned: Path) -> None:
+    seen = [torch.load(spawned / f"rank{r}.pt", weights_only=False)[2] for r in range(WORLD)]
+    assert seen == [("FailedOnAnotherRank", WORLD), ("ZeroDivisionError", WORLD)]  # and none left waiting
 
 
 def test_metrics_fitted_in_parallel_equal_one_fit_on_all_data(spawned: Path) -> None:

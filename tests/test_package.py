@@ -17,6 +17,7 @@ The layers, lowest first (a package may import its own layer's modules and anyth
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,20 @@ def test_the_library_works_without_lightning() -> None:
         "fimcb.run.folder, fimcb.run.history"
     )
     assert not loaded & {"lightning", "pytorch_lightning"}
+
+
+def test_docs_the_code_cites_are_in_the_repository() -> None:
+    """Docstrings cite ``docs/*.md`` of this repository, never files outside it."""
+    cited = set()
+    for path in MODULES:
+        text = path.read_text()
+        assert "METHOD.md" not in text and "../shared" not in text, (
+            f"{path.name} cites a file outside the repo"
+        )
+        cited |= set(re.findall(r"docs/[\w-]+\.md", text))
+    assert "docs/method.md" in cited
+    missing = [doc for doc in cited if not (SOURCE.parents[1] / doc).is_file()]
+    assert not missing, f"cited but missing: {missing}"
 
 
 OPTIONAL = {"transformers", "diffusers", "zuko", "normflows", "wandb", "pandas"}

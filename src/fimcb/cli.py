@@ -57,7 +57,7 @@ def main(args: Sequence[str] | None = None, default_config: str | Path | None = 
     given = sys.argv[1:] if args is None else list(args)
     if not given and default_config is not None:
         given = ["fit", "--config", str(default_config)]
-    # Denormal floats make early CPU training steps several times slower (METHOD.md §9).
+    # Denormal floats make early CPU training steps several times slower (docs/method.md §9).
     torch.set_flush_denormal(True)
     return FIMCLI(
         LikelihoodModule,

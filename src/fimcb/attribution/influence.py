@@ -1,4 +1,5 @@
-"""Influence between samples: FIM inner products ``s_aᵀ F⁻¹ s_b`` of log-likelihood gradients (METHOD.md §7).
+"""Influence between samples: FIM inner products ``s_aᵀ F⁻¹ s_b`` of log-likelihood gradients
+(docs/method.md §7).
 
 With ``s(x) = ∇_θ log p_θ(x)``, a natural-gradient step of size ``lr`` on sample ``a``
 (``Δθ = lr · F⁻¹ s_a``) changes ``log p(b)`` to first order by ``lr · s_aᵀ F⁻¹ s_b``: the influence of

@@ -1,4 +1,4 @@
-"""Double backpropagation: which parts of an input carry its novelty (METHOD.md §7).
+"""Double backpropagation: which parts of an input carry its novelty (docs/method.md §7).
 
 The novelty feature of a sample is its squared FIM-norm ``q(x) = Σ_l s_lᵀ F_l⁻¹ s_l`` with
 ``s_l = ∇_{θ_l} log p_θ(x)``. Its gradient with respect to the input, ``∇_x q(x)``, says which input

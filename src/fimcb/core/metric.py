@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from fimcb.core.protocol import LogLikelihoodFn
+from fimcb.core.registry import register
 
 
 class Metric(ABC):
@@ -179,13 +180,7 @@ METRICS: dict[str, type[Metric]] = {}
 
 def register_metric(metric: type[Metric], *, overwrite: bool = False) -> type[Metric]:
     """Make ``metric`` available by its ``name``; refuses to replace another one unless ``overwrite``."""
-    known = METRICS.get(metric.name)
-    if known is not None and known is not metric and not overwrite:
-        raise ValueError(
-            f"a metric named {metric.name!r} is already registered ({known.__qualname__}); "
-            "pass overwrite=True to replace it"
-        )
-    METRICS[metric.name] = metric
+    register(METRICS, metric.name, metric, what="a metric named", overwrite=overwrite)
     return metric
 
 

@@ -2,25 +2,35 @@
 
 from __future__ import annotations
 
+from fimcb.core.registry import register
 from fimcb.detectors.base import Detector, NotFittedError
 from fimcb.detectors.baselines import Likelihood, TotalNorm, Typicality
 from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood
 from fimcb.detectors.gaussian import FIMGaussian
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod
 
-DETECTORS: dict[str, type[Detector]] = {
-    d.name: d
-    for d in (
-        FIMGaussian,
-        FullGaussian,
-        FullGaussianWithLikelihood,
-        ChiSquare,
-        FisherMethod,
-        TotalNorm,
-        Likelihood,
-        Typicality,
-    )
-}
+#: Detectors by name, for ``methods=[...]`` in Python and YAML.
+DETECTORS: dict[str, type[Detector]] = {}
+
+
+def register_detector(detector: type[Detector], *, overwrite: bool = False) -> type[Detector]:
+    """Make ``detector`` available by its ``name`` (usable as a class decorator); refuses to replace
+    another detector of that name unless ``overwrite``."""
+    register(DETECTORS, detector.name, detector, what="a detector named", overwrite=overwrite)
+    return detector
+
+
+for _detector in (
+    FIMGaussian,
+    FullGaussian,
+    FullGaussianWithLikelihood,
+    ChiSquare,
+    FisherMethod,
+    TotalNorm,
+    Likelihood,
+    Typicality,
+):
+    register_detector(_detector)
 DEFAULT_METHODS: tuple[str, ...] = ("fim_gaussian", "total_norm", "likelihood", "typicality")
 #: Detectors that do not use gradients: the likelihood baselines beside which FIM-norms are judged.
 BASELINE_METHODS: tuple[str, ...] = (Likelihood.name, Typicality.name)
@@ -50,4 +60,5 @@ __all__ = [
     "TotalNorm",
     "Typicality",
     "build_detector",
+    "register_detector",
 ]

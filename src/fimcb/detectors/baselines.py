@@ -1,4 +1,5 @@
-"""Baselines beside the paper's detector: total gradient norm, likelihood and typicality (METHOD.md §5)."""
+"""Baselines beside the paper's detector: total gradient norm, likelihood and typicality
+(docs/method.md §5)."""
 
 from __future__ import annotations
 

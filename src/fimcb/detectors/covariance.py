@@ -1,7 +1,8 @@
-"""A full-covariance Gaussian on the paper's log features, with a shrinkage covariance (METHOD.md §4, §9).
+"""A full-covariance Gaussian on the paper's log features, with a shrinkage covariance
+(docs/method.md §4, §9).
 
 The per-layer Gaussians of the paper ignore correlations between layers; on few layers a full
-covariance detects much better, on many it overfits (METHOD.md §9). Shrinking the correlation
+covariance detects much better, on many it overfits (docs/method.md §9). Shrinking the correlation
 matrix towards the identity (Ledoit–Wolf, or a fixed amount) keeps it well conditioned.
 """
 

@@ -15,7 +15,7 @@ MIN_STD = 1e-6
 
 
 class FIMGaussian(Detector):
-    """Score ``-Σ_l log N(log ||s_l||²; μ_l, σ_l²)`` over layers with non-zero spread (METHOD.md §4).
+    """Score ``-Σ_l log N(log ||s_l||²; μ_l, σ_l²)`` over layers with non-zero spread (docs/method.md §4).
 
     Under the layer-scalar Fisher approximation ``log(||s_l||²/λ_l)`` differs from the feature by a
     constant per layer, which the Gaussian absorbs: the detector needs no estimate of λ_l.

@@ -524,23 +524,27 @@ def _pull_back(
     log-determinant, a learned scale), of a basis of their coordinates, then combined per sample."""
     state, batch = forward.state, forward.batch
     wanted = sorted(set().union(*(state.sources_of(w) for w, _ in items)))
-    inputs = [state.sources[i] for i in wanted]
-    few = [(w, f) for w, f in items if w.numel() <= batch]  # scalars, small vectors: by a basis
-    many = [(w, f) for w, f in items if w.numel() > batch]
-    grads: list[list[Factor]] = [[] for _ in inputs]
-    try:
-        for group, by_basis in ((few, True), (many, False)):
-            if group:
-                pull = _pull_back_by_basis if by_basis else _pull_back_per_sample
-                for parts, factor in zip(grads, pull(group, inputs, batch), strict=True):
-                    if factor is not None:
-                        parts.append(factor)
-    except Exception as err:
-        for i in wanted:
-            for name in _parameters_of_source(forward, i):
-                failed.setdefault(name, f"the pull-back to it failed: {_first_line(err)}")
-        return
-    for i, t, parts in zip(wanted, inputs, grads, strict=True):
+    grads: dict[int, list[Factor]] = {i: [] for i in wanted}
+    # Operands with the same sources share one pull-back; others get their own, so that a backward pass
+    # never runs through another operand's graph (a log-determinant's, say) with zero cotangents.
+    groups: dict[tuple[frozenset[int], bool], list[tuple[Tensor, Factor]]] = defaultdict(list)
+    for w, f in items:  # scalars and vectors smaller than the batch: by a basis of their coordinates
+        groups[state.sources_of(w), w.numel() <= batch].append((w, f))
+    for (sources, by_basis), group in groups.items():
+        order = sorted(sources)
+        pull = _pull_back_by_basis if by_basis else _pull_back_per_sample
+        try:
+            pulled = pull(group, [state.sources[i] for i in order], batch)
+        except Exception as err:  # those sources' parameters fall back, the others are served
+            for i in order:
+                for name in _parameters_of_source(forward, i):
+                    failed.setdefault(name, f"the pull-back to it failed: {_first_line(err)}")
+            continue
+        for i, factor in zip(order, pulled, strict=True):
+            if factor is not None:
+                grads[i].append(factor)
+    for i, parts in grads.items():
+        t = state.sources[i]
         kind, key = state.source_keys[i]
         if kind == "param":
             found[key].extend(parts)

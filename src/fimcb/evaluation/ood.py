@@ -2,7 +2,7 @@
 how well each detector tells them apart (AUROC, AUPR-In, AUPR-Out, FPR@95: the *measures*; "metric"
 in fimcb names a Fisher approximation only).
 
-Conventions (docs/method.md, "Evaluation"): OOD is the positive class and every score is oriented so that
+Conventions (docs/method.md §6): OOD is the positive class and every score is oriented so that
 higher means more novel. Scores are mapped monotonically into [0, 1] over the whole evaluated set
 before they reach torchmetrics, which would otherwise pass unbounded scores through a sigmoid
 decided batch by batch (saturating large scores and ruining the ranking).
@@ -110,11 +110,15 @@ def load_features(path: str | Path) -> dict[str, LayerNorms]:
 
 
 def format_table(measures: OODTable) -> str:
-    header = f"{'OOD set':<18}{'method':<16}" + "".join(f"{m:>10}" for m in MEASURES)
+    """A plain-text table, one row per (OOD set, method), columns wide enough for every name."""
+    sets = max([len("OOD set"), *map(len, measures)]) + 2
+    methods = max([len("method"), *(len(m) for by_method in measures.values() for m in by_method)]) + 2
+    header = f"{'OOD set':<{sets}}{'method':<{methods}}" + "".join(f"{m:>10}" for m in MEASURES)
     lines = [header, "-" * len(header)]
     for ood, by_method in measures.items():
         for method, values in by_method.items():
-            lines.append(f"{ood:<18}{method:<16}" + "".join(f"{values[m]:>10.4f}" for m in MEASURES))
+            cells = "".join(f"{values[m]:>10.4f}" for m in MEASURES)
+            lines.append(f"{ood:<{sets}}{method:<{methods}}{cells}")
     return "\n".join(lines)
 
 

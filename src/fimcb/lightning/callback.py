@@ -27,16 +27,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
+from torch.utils.data import DataLoader
 
-from fimcb.core.distributed import score_sharded
 from fimcb.core.metric import resolve_metric
 from fimcb.core.norms import LayerNorms, log_norms
 from fimcb.core.protocol import ModelProtocolError, resolve_log_likelihood, unpack_batch
 from fimcb.detectors import Detector
-from fimcb.engine import per_sample_layer_norms, trainable_parameters
+from fimcb.engine import trainable_parameters
 from fimcb.evaluation.ood import OODResult, evaluate_ood
+from fimcb.evaluation.probes import Probes, score_groups
 from fimcb.evaluation.scoring import ScoringOptions
 from fimcb.lightning.dashboards import Dashboard, dashboards
 from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
@@ -112,8 +111,7 @@ class FIMNormCallback(Callback):
         self.run_id: str | None = None
         self._restored_folder: str | None = None
         self._writer: HistoryWriter | None = None
-        self.probe_indices: dict[str, list[int]] = {}
-        self._probe_inputs: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # collated once
+        self.probes = Probes(seed)
         self.last_tracked_step = -1
         self._last_batch_step = -1
         self._tracked_once = False  # tracking has worked: from now on a failure skips the event
@@ -183,7 +181,7 @@ class FIMNormCallback(Callback):
         if self._restored_folder is not None and Path(self._restored_folder).is_dir():
             folder = RunFolder(self._restored_folder)
             self.detectors, self.metric_state = folder.read_detectors(), folder.read_metric_state()
-        self.probe_indices = {k: list(v) for k, v in state_dict.get("probe_indices", {}).items()}
+        self.probes.indices = {k: list(v) for k, v in state_dict.get("probe_indices", {}).items()}
         self.last_tracked_step = int(state_dict.get("last_tracked_step", -1))
         self.errors = int(state_dict.get("errors", 0))
         self._tracked_once = self.last_tracked_step >= 0
@@ -223,9 +221,7 @@ class FIMNormCallback(Callback):
         if step % every or (is_smoke_test(trainer) and self.last_tracked_step >= 0):
             return  # a fast_dev_run tracks once
         self.last_tracked_step = step
-        self._track(
-            trainer, pl_module, "train_probe", lambda: self._probe(trainer, "train", trainer.train_dataloader)
-        )
+        self._track(trainer, pl_module, "train_probe", lambda: self._probe("train", trainer.train_dataloader))
 
     def _maybe_track_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> None:
         """Every N optimizer steps, score the samples of the batch that just ended. Under DDP each rank
@@ -254,7 +250,7 @@ class FIMNormCallback(Callback):
             and not (is_smoke_test(trainer) and self._tracked_once)
         ):
             self._open_folder(trainer)  # also outside fit (trainer.test)
-            self._track(trainer, pl_module, split, lambda: self._probe(trainer, split, loaders))
+            self._track(trainer, pl_module, split, lambda: self._probe(split, loaders))
 
     def _track(
         self,
@@ -295,23 +291,15 @@ class FIMNormCallback(Callback):
     def _score(
         self, pl_module: L.LightningModule, probe: tuple[Tensor, Tensor], sharded: bool
     ) -> tuple[LayerNorms, Tensor]:
-        k = self.scoring.group_size
-        x, ids = probe
-
-        def score(units: list[int]) -> LayerNorms:
-            positions = torch.as_tensor([u * k + i for u in units for i in range(k)], device=x.device)
-            return per_sample_layer_norms(
+        with _isolated_rng(pl_module.device):
+            return score_groups(
                 pl_module,
-                x[positions],
-                group_size=k,
+                *probe,
+                group_size=self.scoring.group_size,
                 engine=self.scoring.engine,
                 chunk_size=self.scoring.chunk_size,
-            ).cpu()
-
-        with _isolated_rng(pl_module.device):
-            units = len(x) // k
-            norms = score_sharded(units, score) if sharded else score(list(range(units)))
-        return norms, ids[: len(norms) * k : k]  # a group's id is its first sample's
+                sharded=sharded,
+            )
 
     def _attempt(
         self, trainer: L.Trainer, what: str, work: Callable[[], T], early_raises: bool = True
@@ -336,33 +324,15 @@ class FIMNormCallback(Callback):
                 )
             return None
 
-    def _probe(self, trainer: L.Trainer, split: str, loaders: Any) -> tuple[Tensor, Tensor]:
-        """The fixed probe inputs of ``split`` and their sample ids (the batch's, else dataset positions):
-        the same samples at every event and after a resume (the indices are in the callback's state),
-        collated once per dataset."""
-        loader = loaders[0] if isinstance(loaders, Sequence) else loaders
-        if not isinstance(loader, DataLoader):
-            raise TypeError(
-                f"FIMNormCallback needs a DataLoader for the {split} split, got {type(loader).__name__}"
-            )
-        dataset: Dataset = loader.dataset
-        key = (split, id(dataset))
-        if key in self._probe_inputs:
-            return self._probe_inputs[key]
-        size = len(dataset)  # type: ignore[arg-type]
-        n = {"train": self.tracking.n_train_probe, "influence": self.pictures.influence_samples}.get(
-            split, self.tracking.n_val_probe
-        )
-        if split not in self.probe_indices:
-            generator = torch.Generator().manual_seed(self.seed)
-            self.probe_indices[split] = torch.randperm(size, generator=generator)[:n].tolist()
-        indices = [i for i in self.probe_indices[split] if i < size]
-        if not indices:
-            raise ValueError(f"FIMNormCallback: the {split} dataset is empty: nothing to probe")
-        collate = loader.collate_fn or default_collate
-        x, ids = unpack_batch(collate([dataset[i] for i in indices]))
-        self._probe_inputs[key] = (x, torch.as_tensor(indices) if ids is None else ids.cpu())
-        return self._probe_inputs[key]
+    def _probe(self, split: str, loaders: Any) -> tuple[Tensor, Tensor]:
+        """The fixed probe of ``split``: the same samples at every event and after a resume."""
+        sizes = {"train": self.tracking.n_train_probe, "influence": self.pictures.influence_samples}
+        return self.probes.inputs(split, loaders, sizes.get(split, self.tracking.n_val_probe))
+
+    @property
+    def probe_indices(self) -> dict[str, list[int]]:
+        """The dataset positions of every probe, by split."""
+        return self.probes.indices
 
     # ---- end of training -----------------------------------------------------------------------
 
@@ -534,7 +504,7 @@ class FIMNormCallback(Callback):
     ) -> dict[str, Any]:
         train_inputs = train_ids = None
         if self.pictures.influence_samples:
-            train_inputs, train_ids = self._probe(trainer, "influence", trainer.train_dataloader)
+            train_inputs, train_ids = self._probe("influence", trainer.train_dataloader)
         return collect_novel_samples(
             pl_module,
             result,

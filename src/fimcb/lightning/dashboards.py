@@ -23,6 +23,7 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_png, read_file
 from torchvision.utils import save_image
 
+from fimcb.core.registry import register
 from fimcb.lightning.runs import is_smoke_test, logger_folder
 
 HISTOGRAM_BINS = 64
@@ -155,9 +156,10 @@ _REGISTRY: dict[str, type[Dashboard]] = {
 }
 
 
-def register_dashboard(logger_class_name: str, adapter: type[Dashboard]) -> None:
-    """Use ``adapter`` for loggers of class ``logger_class_name`` (or a subclass of it)."""
-    _REGISTRY[logger_class_name] = adapter
+def register_dashboard(logger_class_name: str, adapter: type[Dashboard], *, overwrite: bool = False) -> None:
+    """Use ``adapter`` for loggers of class ``logger_class_name`` (or a subclass of it); refuses to replace
+    another adapter unless ``overwrite``."""
+    register(_REGISTRY, logger_class_name, adapter, what="a dashboard for", overwrite=overwrite)
 
 
 def dashboard_for(logger: Any) -> Dashboard:

@@ -12,7 +12,7 @@ Options that bound the cost:
   low-rank form of the sketched gradients, an approximation of the unsketched one (inner products
   are preserved in expectation, with relative spread about ``√(2/r)``). Layers with ``d ≤ r`` are
   exact.
-- ``online=True``: the Sherman–Morrison form (METHOD.md §3): the inverse of
+- ``online=True``: the Sherman–Morrison form (docs/method.md §3): the inverse of
   ``NδI + Σ_i s_i s_iᵀ`` is updated one reference at a time in the (sketched) ``m``-space, so memory
   is ``m²`` per layer whatever N is; it equals the batch Woodbury result up to rounding. Since N
   and δ must be known before the first update, it first takes one cheap pass of squared norms over

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from torch import Tensor, nn
 
+from fimcb.core.registry import register
 from fimcb.engine.factors import Factor
 
 
@@ -75,13 +76,7 @@ def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable
 
     def decorate(rule: R) -> R:
         for key in module_types:
-            known = RULES.get(key)
-            if known is not None and type(known) is not rule and not overwrite:
-                raise ValueError(
-                    f"a rule for {key!r} is already registered ({type(known).__qualname__}); "
-                    "pass overwrite=True to replace it"
-                )
-            RULES[key] = rule()
+            register(RULES, key, rule(), what="a rule for", overwrite=overwrite, kind=type)
         _VERSION[0] += 1
         return rule
 

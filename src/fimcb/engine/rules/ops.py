@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from fimcb.core.registry import register
 from fimcb.engine.factors import Dense, Factor, OuterSum
 from fimcb.engine.local import per_sample_vjp
 from fimcb.engine.rules.embedding import embedding_factor
@@ -100,10 +101,7 @@ def register_op_rule(*funcs: Callable[..., Any], overwrite: bool = False) -> Cal
 
     def decorate(rule: R) -> R:
         for func in funcs:
-            known = OP_RULES.get(func)
-            if known is not None and type(known) is not rule and not overwrite:
-                raise ValueError(f"an op rule for {func} is already registered ({type(known).__qualname__})")
-            OP_RULES[func] = rule()
+            register(OP_RULES, func, rule(), what="an op rule for", overwrite=overwrite, kind=type)
         return rule
 
     return decorate
