@@ -135,6 +135,20 @@ class LearnedStateModel(nn.Module):
         return total
 
 
+class RecurrentDensity(nn.Module):
+    """An LSTM over a sequence predicting each next step's mean (``nn.LSTM`` has no rule, ``vmap`` cannot
+    batch it, and its final state goes unused)."""
+
+    def __init__(self, dim: int = 3, hidden: int = 5) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(dim, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, dim)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h, _ = self.rnn(x[:, :-1])
+        return -0.5 * (x[:, 1:] - self.head(h)).pow(2).sum((1, 2))
+
+
 # ---- third-party libraries ------------------------------------------------------------------------------
 
 
@@ -295,6 +309,12 @@ PATTERNS: dict[str, Case] = {
         lambda: LearnedStateModel(64),
         lambda dt: _normal(64, 32, 64, dtype=dt),
     ),
+    "recurrent_density": Case(
+        RecurrentDensity,
+        lambda dt: _normal(6, 5, 3, dtype=dt),
+        lambda: RecurrentDensity(8, 32),
+        lambda dt: _normal(64, 16, 8, dtype=dt),
+    ),
 }
 LIBRARIES: dict[str, Case] = {
     "transformers_gpt2": Case(
@@ -334,3 +354,109 @@ LIBRARIES: dict[str, Case] = {
         warm_up=True,
     ),
 }
+
+
+# ---- more layers and idioms, exactness only (tests/test_ecosystem.py) ----------------------------------
+
+
+class Functional(nn.Module):
+    """``log_likelihood(x) = f(self, x)`` over the given submodules and parameters: a one-line model."""
+
+    def __init__(self, f: Callable[[nn.Module, Tensor], Tensor], **parts: nn.Module | nn.Parameter) -> None:
+        super().__init__()
+        self.f = f
+        for name, part in parts.items():
+            setattr(self, name, part)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        return self.f(self, x)
+
+
+def _p(*shape: int) -> nn.Parameter:
+    return nn.Parameter(0.3 * torch.randn(*shape))
+
+
+def idioms() -> dict[str, tuple[nn.Module, Tensor]]:
+    """Layers without a rule of ours and parameters used through torch functions, with a batch each."""
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    sequence, vector = torch.randn(5, 3, 4), torch.randn(5, 4)
+    encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return {
+        "multihead_attention": (
+            Functional(
+                lambda m, x: -m.a(x, x, x, need_weights=False)[0].pow(2).sum((1, 2)),
+                a=nn.MultiheadAttention(4, 2, batch_first=True),
+            ),
+            sequence,
+        ),
+        "transformer_encoder_layer": (
+            Functional(lambda m, x: -m.e(x).pow(2).sum((1, 2)), e=encoder),
+            torch.randn(5, 3, 8),
+        ),
+        "gru": (Functional(lambda m, x: m.r(x)[0].sum((1, 2)), r=nn.GRU(4, 3, batch_first=True)), sequence),
+        "weight_norm": (
+            Functional(
+                lambda m, x: m.l(x).tanh().sum(1), l=nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+            ),
+            vector,
+        ),
+        "einsum": (
+            Functional(lambda m, x: torch.einsum("bi,ij->bj", x, m.w).sin().sum(1), w=_p(4, 3)),
+            vector,
+        ),
+        "distributions_normal": (
+            Functional(
+                lambda m, x: torch.distributions.Normal(m.loc, F.softplus(m.s)).log_prob(x).sum(1),
+                loc=_p(4),
+                s=_p(4),
+            ),
+            vector,
+        ),
+        "functional_layer_norm": (
+            Functional(lambda m, x: F.layer_norm(x, (4,), m.g, m.b).pow(3).sum(1), g=_p(4), b=_p(4)),
+            vector,
+        ),
+        "indexed_table": (
+            Functional(lambda m, x: m.t[x].sum((1, 2)), t=_p(7, 3)),
+            torch.randint(0, 7, (5, 6)),
+        ),
+        "bmm_expanded": (
+            Functional(
+                lambda m, x: torch.bmm(x, m.w.expand(x.shape[0], -1, -1)).tanh().sum((1, 2)), w=_p(4, 3)
+            ),
+            sequence,
+        ),
+        "functional_conv": (
+            Functional(
+                lambda m, x: F.conv2d(x, m.w, m.b, padding=1).tanh().sum((1, 2, 3)), w=_p(3, 2, 3, 3), b=_p(3)
+            ),
+            torch.randn(5, 2, 5, 5),
+        ),
+        "temperature": (
+            Functional(
+                lambda m, x: torch.log_softmax(m.l(x) / m.t.exp(), -1)[:, 0],
+                l=nn.Linear(4, 3),
+                t=nn.Parameter(torch.tensor(0.2)),
+            ),
+            vector,
+        ),
+        "prelu_embedding_bag": (
+            Functional(lambda m, x: m.p(m.e(x)).sum(1), e=nn.EmbeddingBag(7, 3, mode="mean"), p=nn.PReLU(3)),
+            torch.randint(0, 7, (5, 4)),
+        ),
+        "conv_transpose_conv3d": (
+            Functional(
+                lambda m, x: m.c3(m.ct(x).unsqueeze(2).expand(-1, -1, 2, -1, -1)).sin().sum((1, 2, 3, 4)),
+                ct=nn.ConvTranspose2d(2, 3, 3, stride=2),
+                c3=nn.Conv3d(3, 2, 2),
+            ),
+            torch.randn(5, 2, 3, 3),
+        ),
+        "where_and_cumsum": (
+            Functional(
+                lambda m, x: (torch.where(x > 0, x * m.a, m.b).cumsum(1) * m.a).logsumexp(1), a=_p(4), b=_p(4)
+            ),
+            vector,
+        ),
+    }

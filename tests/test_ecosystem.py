@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from ecosystem_models import LIBRARIES, PATTERNS
+from ecosystem_models import LIBRARIES, PATTERNS, idioms
 from toy_models import naive_layer_norms
 
 from fimcb import per_sample_layer_norms
@@ -53,3 +53,17 @@ def test_hooks_engine_is_exact_in_float32(name: str) -> None:
     want, _ = naive_layer_norms(model, x)
     for _ in range(2):
         assert _relative_error(per_sample_layer_norms(model, x, engine="hooks").values, want) <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(idioms()))
+def test_hooks_engine_is_exact_on_other_layers_and_idioms(name: str) -> None:
+    """Layers without a rule of ours (attention, recurrent, parametrised, bag and 3-d layers) and parameters
+    used through torch functions: exact in float64, by whichever route serves them."""
+    model, x = idioms()[name]
+    model = model.double().eval()
+    x = x.double() if x.is_floating_point() else x
+    want, want_ll = naive_layer_norms(model, x)
+    for _ in range(3):
+        norms = per_sample_layer_norms(model, x, engine="hooks")
+        assert _relative_error(norms.values, want) <= 1e-10
+        torch.testing.assert_close(norms.log_likelihood, want_ll, rtol=1e-12, atol=1e-12)

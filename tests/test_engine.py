@@ -13,6 +13,7 @@ from toy_models import (
     ControlFlowModel,
     ConvEnergy,
     CustomLayerModel,
+    Gate,
     InPlaceReLU,
     LinearFlow,
     MLPEnergy,
@@ -26,7 +27,8 @@ from toy_models import (
 )
 
 from fimcb import ModelProtocolError, per_sample_layer_norms
-from fimcb.engine.factors import IndexSum, OuterSum
+from fimcb.engine.factors import Dense, IndexSum, OuterSum
+from fimcb.engine.rules import RULES, Call, Rule, register_rule
 from fimcb.engine.rules.norm import SamplesInteractError
 from fimcb.metrics import Diagonal, Identity, Metric
 from fimcb.models import Glow
@@ -145,10 +147,14 @@ def test_hooks_on_random_conv_architectures(layers, channels, side, bias, n_grou
 
 
 def test_auto_falls_back_to_loop_when_vmap_fails(caplog: pytest.LogCaptureFixture) -> None:
+    """Data-dependent control flow per sample: the self-check refuses the hooks routes, ``vmap`` cannot run
+    the model, so a per-sample loop serves its parameters (also on later batches)."""
     model, x = ControlFlowModel(4), torch.randn(5, 4)
-    with caplog.at_level(logging.WARNING, logger="fimcb"):
+    with caplog.at_level(logging.INFO, logger="fimcb"):
         _assert_matches_naive(model, x, "auto")
-    assert "the hooks engine cannot handle" in caplog.text and "the func engine cannot handle" in caplog.text
+        _assert_matches_naive(model, x, "hooks")
+    assert "a per-sample loop serves ['linear.weight', 'linear.bias']" in caplog.text
+    assert "the func engine cannot handle" in caplog.text
     with pytest.raises(RuntimeError):
         per_sample_layer_norms(model, x, engine="func")
 
@@ -337,3 +343,33 @@ def test_chunk_size_follows_an_estimate_of_memory() -> None:
     middle = DEFAULT_MEMORY_BUDGET // (per_group * 10)
     assert default_chunk_size(params(middle)) == 10
     assert default_chunk_size(params(10**10)) == 1  # 40 GB of gradients per sample: one at a time
+
+
+def test_a_wrong_rule_is_caught_by_the_self_check_and_its_parameters_fall_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user's rule that gets every parameter of the model wrong: the first batch's check names them and
+    they are served by ``torch.func``; the result is exact."""
+
+    @register_rule(Gate)
+    class DoubledRule(Rule):
+        def factors(self, call: Call) -> dict[str, Dense]:
+            batch = call.grads[0].shape[0]
+            return {n: Dense(torch.ones(batch, *p.shape)) for n, p in call.module.named_parameters()}
+
+    class OnlyGate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = Gate(5)
+
+        def log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+            h, extra = self.gate(x)
+            return -0.5 * h.pow(2).sum(1) + extra
+
+    try:
+        model, x = OnlyGate(), torch.randn(9, 5)
+        with caplog.at_level(logging.INFO, logger="fimcb"):
+            _assert_matches_naive(model, x, "hooks")
+        assert "torch.func fallback for gate." in caplog.text and "do not add up" in caplog.text
+    finally:
+        RULES.pop(Gate)

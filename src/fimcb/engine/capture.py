@@ -400,8 +400,10 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     targets = [t for c in forward.calls for t, r in zip(c.outputs, c.rows, strict=True) if r is not None]
     op_targets = [t for op, _ in state.ops for t in op.targets]
     wanted = targets + op_targets + (list(params.values()) if verify else [])
-    found_grads = torch.autograd.grad(
-        ll.sum(), wanted, allow_unused=True, retain_graph=verify and bool(state.sources)
+    found_grads = (  # nothing to capture when every parameter has fallen back
+        torch.autograd.grad(ll.sum(), wanted, allow_unused=True, retain_graph=verify and bool(state.sources))
+        if wanted
+        else []
     )
     grads = [
         torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wanted, found_grads, strict=True)
@@ -698,7 +700,13 @@ def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch:
 
     batched = [call.input_rows(t) is not None for t in leaves]
     leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
-    output_grads = [(i, g, r is not None) for i, g, r in zip(positions, grads, call.rows, strict=True)]
+    output_grads = [  # outputs that received no gradient (an RNN's unused final state) contribute nothing
+        (i, g, r is not None)
+        for i, g, r, received in zip(positions, grads, call.rows, call.grads, strict=True)
+        if received is not None
+    ]
+    if not output_grads:
+        return {n: _zeros(p, batch) for n, p in own.items()}
     return {n: Dense(g) for n, g in per_sample_vjp(piece, own, leaves, batched, output_grads, batch).items()}
 
 
@@ -757,6 +765,8 @@ def _verify(
             )
             return failed
         names = [n for n in factors if n not in failed]
+        if not names:
+            return failed
         grads = torch.autograd.grad(single.sum(), [request.params[n] for n in names], allow_unused=True)
         row = {
             n: 0.0 if g is None else float(g.detach().pow(2).sum()) for n, g in zip(names, grads, strict=True)

@@ -3,7 +3,9 @@
 The fallback of the hooks backend for a module without a rule (module-local) and for a torch function
 without an op rule (op-local): the piece is run again for each sample under ``vmap`` and
 differentiated with respect to its own parameters, weighted by the per-sample gradients its outputs
-received in the batched backward. Exact wherever the piece treats samples independently.
+received in the batched backward; a piece that ``vmap`` cannot batch (an RNN writing into a state it
+creates) is run one sample at a time instead, still only that piece. Exact wherever the piece treats
+samples independently.
 """
 
 from __future__ import annotations
@@ -61,4 +63,18 @@ def per_sample_vjp(
             total = total + (out * g).sum()
         return total
 
-    return vmap(grad(contribution), in_dims=(None, in_dims, 0))(params, inputs, grads)
+    run = grad(contribution)
+    try:
+        return vmap(run, in_dims=(None, in_dims, 0))(params, inputs, grads)
+    except LocalError:
+        raise
+    except Exception:  # vmap cannot batch the piece (an RNN writing into a fresh state): sample by sample
+        rows = [
+            run(
+                params,
+                [x[b] if d == 0 else x for x, d in zip(inputs, in_dims, strict=True)],
+                [g[b] for g in grads],
+            )
+            for b in range(batch)
+        ]
+        return {n: torch.stack([row[n] for row in rows]) for n in params}
