@@ -195,6 +195,28 @@ def test_evaluation_groups_ids_and_errors() -> None:
         evaluate_ood(model, _loader(x), _loader(x), {"wide": _loader(torch.randn(8, 4))})
 
 
+class _Corrupt(torch.utils.data.Dataset):
+    """An OOD set whose files cannot be read."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise OSError("corrupt file")
+
+
+def test_an_ood_set_that_fails_is_skipped_only_when_asked() -> None:
+    model, x = LinearFlow(3), torch.randn(40, 3)
+    sets = {"o": _loader(x[30:] + 3), "broken": DataLoader(_Corrupt(), batch_size=4)}
+    with pytest.warns(
+        UserWarning, match=r"skipping OOD set broken: scoring it failed \(OSError: corrupt file\)"
+    ):
+        result = evaluate_ood(model, _loader(x[:20]), _loader(x[20:30]), sets, skip_failures=True)
+    assert set(result.measures) == {"o"}  # the other sets are evaluated
+    with pytest.raises(OSError, match="corrupt file"):
+        evaluate_ood(model, _loader(x[:20]), _loader(x[20:30]), sets)
+
+
 def test_layer_aurocs_match_sklearn_per_layer() -> None:
     generator = torch.Generator().manual_seed(0)
 
