@@ -73,6 +73,15 @@ class OODResult:
         """The measures as a fixed-width text table, one row per (OOD set, detector)."""
         return format_table(self.measures)
 
+    def flat(self, prefix: str = "ood") -> dict[str, float]:
+        """The measures as ``{"<prefix>/<set>/<method>/<measure>": value}``: logged scalars, W&B summaries."""
+        return {
+            f"{prefix}/{ood}/{method}/{measure}": value
+            for ood, by_method in self.measures.items()
+            for method, values in by_method.items()
+            for measure, value in values.items()
+        }
+
     def save(self, path: str | Path) -> Path:
         """Write the measures as JSON (``[ood][method][measure]``)."""
         path = Path(path)

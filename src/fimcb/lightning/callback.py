@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -36,15 +36,14 @@ from fimcb.detectors import Detector
 from fimcb.engine import trainable_parameters
 from fimcb.evaluation.ood import OODResult, evaluate_ood
 from fimcb.evaluation.probes import Probes, score_groups
-from fimcb.evaluation.scoring import ScoringOptions
-from fimcb.lightning.dashboards import Dashboard, dashboards
+from fimcb.lightning.dashboards import dashboards, show_run
 from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
 from fimcb.lightning.progress import progress_bar
-from fimcb.lightning.runs import datamodule_of, is_smoke_test, resolve_run_folder
-from fimcb.run.folder import RunArtifacts, RunFolder
-from fimcb.run.history import HistoryWriter, trajectory_rows
+from fimcb.lightning.runs import datamodule_of, evaluation_loaders, is_smoke_test, resolve_run_folder
+from fimcb.run.folder import RunFolder
+from fimcb.run.history import HistoryWriter
 from fimcb.run.summaries import summarize
-from fimcb.viz.figures import roc_curves_of, run_figures, write_figures
+from fimcb.viz.figures import run_figures, write_figures
 from fimcb.viz.novel_samples import collect_novel_samples
 
 T = TypeVar("T")
@@ -366,7 +365,7 @@ class FIMNormCallback(Callback):
     ) -> tuple[OODResult, dict[str, Any]] | None:
         """Fit, score and log the OOD evaluation; the result and its test and OOD loaders (by set name), or
         ``None`` when its data is missing or it failed (reported, see the failure policy)."""
-        loaders = self._evaluation_loaders(trainer)
+        loaders = evaluation_loaders(trainer, self.fit_loader, self.test_loader, self.ood_loaders)
         if loaders is None:
             return None
         fit_loader, test_loader, ood_loaders = loaders
@@ -375,16 +374,7 @@ class FIMNormCallback(Callback):
         limit = SMOKE_SAMPLES * self.scoring.group_size if smoke else self.evaluation.max_samples
         if smoke and limit is not None and isinstance(getattr(metric, "n_samples", None), int):
             metric.n_samples = min(metric.n_samples, limit)  # type: ignore[attr-defined]
-        bar = progress_bar(trainer, self.progress)
-        options = ScoringOptions(
-            group_size=self.scoring.group_size,
-            engine=self.scoring.engine,
-            chunk_size=self.scoring.chunk_size,
-            metric=metric,
-            max_samples=limit,
-            progress=bar is not None,
-            progress_bar=bar,
-        )
+        options = self.scoring.options(metric, limit, progress_bar(trainer, self.progress))
 
         def evaluate() -> OODResult:
             with _isolated_rng(pl_module.device):
@@ -406,12 +396,7 @@ class FIMNormCallback(Callback):
         self.result = result
         self.detectors = dict(result.detectors)
         self.metric_state = metric.state_dict()
-        flat = {
-            f"{self._key('ood')}/{ood}/{method}/{measure}": value
-            for ood, by_method in result.measures.items()
-            for method, values in by_method.items()
-            for measure, value in values.items()
-        }
+        flat = result.flat(self._key("ood"))
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=trainer.global_step)
         for board in dashboards(trainer):
@@ -426,34 +411,6 @@ class FIMNormCallback(Callback):
                 f"{result.table()}{where}"
             )
         return result, {"test": test_loader, **ood_loaders}
-
-    def _evaluation_loaders(self, trainer: L.Trainer) -> tuple[Any, Any, Mapping[str, Any]] | None:
-        """Held-out in-distribution (fit), test and OOD loaders: the callback's own, else the trainer's
-        validation loader and the datamodule's; ``None`` with a warning when some are missing."""
-        datamodule = datamodule_of(trainer)
-        ood = self.ood_loaders
-        if ood is None and hasattr(datamodule, "ood_dataloaders"):
-            ood = datamodule.ood_dataloaders()
-        fit = self.fit_loader if self.fit_loader is not None else trainer.val_dataloaders
-        test = self.test_loader
-        if datamodule is not None:
-            if test is None and hasattr(datamodule, "test_dataloader"):
-                datamodule.setup("test")
-                test = datamodule.test_dataloader()
-            if fit is None and hasattr(datamodule, "val_dataloader"):
-                fit = datamodule.val_dataloader()
-        missing = [
-            name for name, value in (("validation (fit)", fit), ("test", test), ("OOD", ood)) if not value
-        ]
-        if missing:
-            rank_zero_warn(
-                f"FIMNormCallback: skipping the OOD evaluation, no {', '.join(missing)} data. Pass "
-                "fit_loader=, test_loader= and ood_loaders= to the callback, or use a datamodule with "
-                "val_dataloader, test_dataloader and ood_dataloaders()."
-            )
-            return None
-        fit = fit[0] if isinstance(fit, Sequence) else fit
-        return fit, test, ood or {}
 
     def _write_pictures(
         self,
@@ -483,21 +440,8 @@ class FIMNormCallback(Callback):
             if board.shows_pictures:
                 _warn_on_failure(
                     f"logging the pictures to {type(board.logger).__name__}",
-                    partial(self._show, board, run, paths, trainer.global_step),
+                    partial(show_run, board, run, paths, trainer.global_step, self._key("fimcb")),
                 )
-
-    def _show(self, board: Dashboard, run: RunArtifacts, paths: Mapping[str, Path], step: int) -> None:
-        """The figures, the probe trajectories and interactive ROC charts (where offered) on one dashboard."""
-        prefix = self._key("fimcb")
-        for name, path in paths.items():
-            board.png(f"{prefix}/{name}", path, step)
-        if run.history is not None:
-            board.table(f"{prefix}/trajectories", *trajectory_rows(run.history), step)
-        scores = run.ood_scores or {}
-        for method in scores.get("test", {}):
-            board.curves(
-                f"{prefix}/roc/{method}", roc_curves_of(scores, method), step, f"ROC: {method}", "FPR"
-            )
 
     def _novel_samples(
         self, trainer: L.Trainer, pl_module: L.LightningModule, result: OODResult, loaders: Mapping[str, Any]

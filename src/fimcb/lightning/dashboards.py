@@ -25,6 +25,9 @@ from torchvision.utils import save_image
 
 from fimcb.core.registry import register
 from fimcb.lightning.runs import is_smoke_test, logger_folder
+from fimcb.run.folder import RunArtifacts
+from fimcb.run.history import trajectory_rows
+from fimcb.viz.figures import roc_curves_of
 
 HISTOGRAM_BINS = 64
 CURVE_POINTS = 200  # points per curve of an interactive chart (a ROC curve has one per sample)
@@ -160,6 +163,18 @@ def register_dashboard(logger_class_name: str, adapter: type[Dashboard], *, over
     """Use ``adapter`` for loggers of class ``logger_class_name`` (or a subclass of it); refuses to replace
     another adapter unless ``overwrite``."""
     register(_REGISTRY, logger_class_name, adapter, what="a dashboard for", overwrite=overwrite)
+
+
+def show_run(board: Dashboard, run: RunArtifacts, paths: Mapping[str, Path], step: int, prefix: str) -> None:
+    """A run's figures (the written PNGs), its probe trajectories and interactive ROC charts, where the
+    dashboard offers them, under ``prefix``."""
+    for name, path in paths.items():
+        board.png(f"{prefix}/{name}", path, step)
+    if run.history is not None:
+        board.table(f"{prefix}/trajectories", *trajectory_rows(run.history), step)
+    scores = run.ood_scores or {}
+    for method in scores.get("test", {}):
+        board.curves(f"{prefix}/roc/{method}", roc_curves_of(scores, method), step, f"ROC: {method}", "FPR")
 
 
 def dashboard_for(logger: Any) -> Dashboard:

@@ -13,13 +13,15 @@ Plain dataclasses, so that LightningCLI YAML sets any field and leaves the other
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fimcb.core.checks import check_bool, check_int
 from fimcb.core.metric import Metric, resolve_metric
 from fimcb.detectors import DETECTORS
 from fimcb.engine import Engine
+from fimcb.evaluation.scoring import ScoringOptions
 from fimcb.run.summaries import DEFAULT_QUANTILES
 
 
@@ -86,6 +88,20 @@ class Scoring:
         if self.chunk_size is not None:
             check_int("scoring.chunk_size", self.chunk_size)
         resolve_metric(self.metric)  # an unknown name fails here, not after training
+
+    def options(
+        self, metric: Metric, max_samples: int | None, progress_bar: Callable[..., Any] | None
+    ) -> ScoringOptions:
+        """The library's scoring options for an evaluation under ``metric``."""
+        return ScoringOptions(
+            group_size=self.group_size,
+            engine=self.engine,
+            chunk_size=self.chunk_size,
+            metric=metric,
+            max_samples=max_samples,
+            progress=progress_bar is not None,
+            progress_bar=progress_bar,
+        )
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,16 @@
 A fresh run claims its folder (:meth:`fimcb.run.folder.RunFolder.claim`); a folder that another run owns
 (a logger with a fixed version, reused) is not appended to: this run writes into a subfolder named by
 its id, with a warning. A run resumed from a checkpoint finds its folder in the checkpoint.
+
+Also what else the callback reads off the trainer: its datamodule, whether it is a smoke test
+(``fast_dev_run``), and the loaders of the end-of-training evaluation.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +102,31 @@ def is_smoke_test(trainer: L.Trainer) -> bool:
 def datamodule_of(trainer: L.Trainer) -> Any:
     """The datamodule passed to ``fit`` (``None`` without one; set at run time, like ``fast_dev_run``)."""
     return getattr(trainer, "datamodule", None)
+
+
+def evaluation_loaders(
+    trainer: L.Trainer, fit: Any, test: Any, ood: Mapping[str, Any] | None
+) -> tuple[Any, Any, Mapping[str, Any]] | None:
+    """Held-out in-distribution (fit), test and OOD loaders: those given, else the trainer's validation
+    loader and the datamodule's; ``None`` with a warning when some are missing."""
+    datamodule = datamodule_of(trainer)
+    if ood is None and hasattr(datamodule, "ood_dataloaders"):
+        ood = datamodule.ood_dataloaders()
+    if fit is None:
+        fit = trainer.val_dataloaders
+    if datamodule is not None:
+        if test is None and hasattr(datamodule, "test_dataloader"):
+            datamodule.setup("test")
+            test = datamodule.test_dataloader()
+        if fit is None and hasattr(datamodule, "val_dataloader"):
+            fit = datamodule.val_dataloader()
+    missing = [name for name, value in (("validation (fit)", fit), ("test", test), ("OOD", ood)) if not value]
+    if missing:
+        rank_zero_warn(
+            f"FIMNormCallback: skipping the OOD evaluation, no {', '.join(missing)} data. Pass "
+            "fit_loader=, test_loader= and ood_loaders= to the callback, or use a datamodule with "
+            "val_dataloader, test_dataloader and ood_dataloaders()."
+        )
+        return None
+    fit = fit[0] if isinstance(fit, Sequence) else fit
+    return fit, test, ood or {}
