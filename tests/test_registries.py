@@ -81,3 +81,19 @@ def test_registries_refuse_silent_overwrites(case: str) -> None:
         assert _class_of(registry, key) is replacement
     finally:
         registry[key] = saved
+
+
+def test_a_refused_registration_under_several_keys_changes_none_of_them() -> None:
+    class Other(type(OP_RULES[torch.matmul])):  # type: ignore[misc]
+        pass
+
+    saved = dict(OP_RULES)
+    try:
+        free = torch.special.xlog1py  # no op rule of ours: the first key is free, the second is taken
+        assert free not in OP_RULES
+        with pytest.raises(ValueError, match="already registered"):
+            register_op_rule(free, torch.matmul)(Other)
+        assert free not in OP_RULES and type(OP_RULES[torch.matmul]) is not Other
+    finally:
+        OP_RULES.clear()
+        OP_RULES.update(saved)

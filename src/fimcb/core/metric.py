@@ -180,7 +180,7 @@ METRICS: dict[str, type[Metric]] = {}
 
 def register_metric(metric: type[Metric], *, overwrite: bool = False) -> type[Metric]:
     """Make ``metric`` available by its ``name``; refuses to replace another one unless ``overwrite``."""
-    register(METRICS, metric.name, metric, what="a metric named", overwrite=overwrite)
+    register(METRICS, metric, metric.name, what="a metric named", overwrite=overwrite)
     return metric
 
 

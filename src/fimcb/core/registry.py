@@ -3,33 +3,28 @@ dashboards are all registered through :func:`register`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any, TypeVar
 
-K = TypeVar("K")
 V = TypeVar("V")
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _kind(value: Any) -> Any:
+    """What an entry is: a class itself, or the class of an instance (rules are kept as instances)."""
+    return value if isinstance(value, type) else type(value)
 
 
 def register(
-    registry: MutableMapping[K, V],
-    key: K,
-    value: V,
-    *,
-    what: str,
-    overwrite: bool = False,
-    kind: Callable[[V], Any] = _identity,
+    registry: MutableMapping[Any, V], value: V, *keys: object, what: str, overwrite: bool = False
 ) -> None:
-    """``registry[key] = value``; an entry of another ``kind`` (the value itself, or e.g. its type for
-    registries of instances) under ``key`` is replaced only with ``overwrite=True``."""
-    known = registry.get(key)
-    if known is not None and kind(known) is not kind(value) and not overwrite:
-        other = kind(known)
-        raise ValueError(
-            f"{what} {key!r} is already registered ({getattr(other, '__qualname__', other)!r}); "
-            "pass overwrite=True to replace it"
-        )
-    registry[key] = value
+    """``registry[key] = value`` for every key, or for none: an entry of another class under any of the
+    keys is replaced only with ``overwrite=True``."""
+    for key in keys:
+        known = registry.get(key)
+        if known is not None and _kind(known) is not _kind(value) and not overwrite:
+            raise ValueError(
+                f"{what} {key!r} is already registered ({_kind(known).__qualname__!r}); "
+                "pass overwrite=True to replace it"
+            )
+    for key in keys:
+        registry[key] = value

@@ -16,7 +16,7 @@ DETECTORS: dict[str, type[Detector]] = {}
 def register_detector(detector: type[Detector], *, overwrite: bool = False) -> type[Detector]:
     """Make ``detector`` available by its ``name`` (usable as a class decorator); refuses to replace
     another detector of that name unless ``overwrite``."""
-    register(DETECTORS, detector.name, detector, what="a detector named", overwrite=overwrite)
+    register(DETECTORS, detector, detector.name, what="a detector named", overwrite=overwrite)
     return detector
 
 

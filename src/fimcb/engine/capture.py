@@ -405,14 +405,13 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
         if wanted
         else []
     )
-    grads = [
-        torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wanted, found_grads, strict=True)
-    ]
+    received = [None if g is None else g.detach() for g in found_grads]  # None: no gradient reached it
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, received, strict=True)]
     position = 0
     for c in forward.calls:
         c.grads = []
         for r in c.rows:
-            c.grads.append(grads[position] if r is not None else None)
+            c.grads.append(received[position] if r is not None else None)
             position += r is not None
     found: dict[str, list[Factor]] = defaultdict(list)
     failed: dict[str, str] = {}
@@ -525,13 +524,12 @@ def _pull_back(
     cotangents, or, where the operands have fewer coordinates than the batch has samples (a scalar
     log-determinant, a learned scale), of a basis of their coordinates, then combined per sample."""
     state, batch = forward.state, forward.batch
-    wanted = sorted(set().union(*(state.sources_of(w) for w, _ in items)))
-    grads: dict[int, list[Factor]] = {i: [] for i in wanted}
     # Operands with the same sources share one pull-back; others get their own, so that a backward pass
     # never runs through another operand's graph (a log-determinant's, say) with zero cotangents.
     groups: dict[tuple[frozenset[int], bool], list[tuple[Tensor, Factor]]] = defaultdict(list)
     for w, f in items:  # scalars and vectors smaller than the batch: by a basis of their coordinates
         groups[state.sources_of(w), w.numel() <= batch].append((w, f))
+    grads: dict[int, list[Factor]] = {i: [] for i in sorted(set().union(*(s for s, _ in groups)))}
     for (sources, by_basis), group in groups.items():
         order = sorted(sources)
         pull = _pull_back_by_basis if by_basis else _pull_back_per_sample
@@ -621,9 +619,13 @@ def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: d
     parameters neither can serve are noted in ``failed``."""
     batch, plan = forward.batch, forward.plan
     for call in forward.calls:
-        grads = [
-            g if g is not None else torch.zeros(batch, *t.shape, dtype=t.dtype, device=t.device)
-            for t, g in zip(call.outputs, call.grads, strict=True)
+        grads = [  # an output no gradient reached: zeros, per sample for a shared one
+            g
+            if g is not None
+            else torch.zeros_like(t)
+            if r is not None
+            else torch.zeros(batch, *t.shape, dtype=t.dtype, device=t.device)
+            for t, g, r in zip(call.outputs, call.grads, call.rows, strict=True)
         ]
         rule = rule_for(call.module)
         routes: list[tuple[Route, Callable[[Rule | None, _ModuleCall, list[Tensor], int], dict[str, Factor]]]]
@@ -700,14 +702,15 @@ def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch:
 
     batched = [call.input_rows(t) is not None for t in leaves]
     leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
-    output_grads = [  # outputs that received no gradient (an RNN's unused final state) contribute nothing
+    output_grads = [  # outputs no gradient reached (an RNN's unused final state) contribute nothing
         (i, g, r is not None)
         for i, g, r, received in zip(positions, grads, call.rows, call.grads, strict=True)
         if received is not None
     ]
     if not output_grads:
         return {n: _zeros(p, batch) for n, p in own.items()}
-    return {n: Dense(g) for n, g in per_sample_vjp(piece, own, leaves, batched, output_grads, batch).items()}
+    found = per_sample_vjp(piece, own, leaves, batched, output_grads, batch, key=type(module))
+    return {n: Dense(g) for n, g in found.items()}
 
 
 def _parameters_behind(forward: _Forward, w: Tensor) -> set[str]:

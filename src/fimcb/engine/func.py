@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from fimcb.core.protocol import LogLikelihoodFn, check_log_likelihood_output
+from fimcb.engine.local import VMAP_ERRORS
 from fimcb.engine.types import NormRequest
 
 log = logging.getLogger("fimcb")
@@ -81,7 +82,7 @@ def subset_gradients(
             group_gradients(request, x[s : s + chunk].unsqueeze(1), names)[0] for s in range(0, len(x), chunk)
         ]
         return {n: (torch.cat([p[n] for p in parts]).detach(), "func") for n in names}
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+    except VMAP_ERRORS as err:
         log.info(
             "fimcb: torch.func cannot run %s (%s); a per-sample loop serves %s",
             type(request.model).__name__,

@@ -10,6 +10,7 @@ samples independently.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +18,14 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten
+
+log = logging.getLogger("fimcb")
+
+#: What ``vmap`` raises on code it cannot batch (data-dependent control flow, in-place writes into fresh
+#: tensors, ``.item()``): the cue to run one sample at a time instead.
+VMAP_ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
+# Pieces that vmap could not batch, by module type or torch function: not tried again.
+_SAMPLE_BY_SAMPLE: set[object] = set()
 
 
 class LocalError(RuntimeError):
@@ -35,6 +44,7 @@ def per_sample_vjp(
     batched: Sequence[bool],
     output_grads: Sequence[tuple[int, Tensor, bool]],
     batch: int,
+    key: object = None,
 ) -> dict[str, Tensor]:
     """``{name: [B, *shape]}``: sample b's gradient of ``Σ_i <out_i, g_i[b]>`` with respect to ``params``.
 
@@ -45,6 +55,8 @@ def per_sample_vjp(
             cut into each sample's ``m`` rows; the others are shared.
         output_grads: ``(position in the flattened output, gradient, batched)``: a batched output's
             gradient has the output's ``B·m`` rows; a shared output's is ``[B, *output.shape]``.
+        key: what the piece is (a module type, a torch function): once ``vmap`` fails on it, it runs
+            sample by sample without trying again.
     """
     inputs = [sample_view(x, batch) if b else x for x, b in zip(inputs, batched, strict=True)]
     in_dims = [0 if b else None for b in batched]
@@ -64,17 +76,18 @@ def per_sample_vjp(
         return total
 
     run = grad(contribution)
-    try:
-        return vmap(run, in_dims=(None, in_dims, 0))(params, inputs, grads)
-    except LocalError:
-        raise
-    except Exception:  # vmap cannot batch the piece (an RNN writing into a fresh state): sample by sample
-        rows = [
-            run(
-                params,
-                [x[b] if d == 0 else x for x, d in zip(inputs, in_dims, strict=True)],
-                [g[b] for g in grads],
-            )
-            for b in range(batch)
-        ]
-        return {n: torch.stack([row[n] for row in rows]) for n in params}
+    if key is None or key not in _SAMPLE_BY_SAMPLE:
+        try:
+            return vmap(run, in_dims=(None, in_dims, 0))(params, inputs, grads)
+        except LocalError:
+            raise
+        except VMAP_ERRORS as err:  # an RNN writing into a fresh state, say: sample by sample
+            if key is not None:
+                _SAMPLE_BY_SAMPLE.add(key)
+            log.info("fimcb: vmap cannot batch %s (%s); it runs one sample at a time", key, str(err)[:200])
+
+    def sample(b: int) -> list[Any]:
+        return [x[b] if d == 0 else x for x, d in zip(inputs, in_dims, strict=True)]
+
+    rows = [run(params, sample(b), [g[b] for g in grads]) for b in range(batch)]
+    return {n: torch.stack([row[n] for row in rows]) for n in params}

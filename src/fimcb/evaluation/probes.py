@@ -30,6 +30,14 @@ class Probes:
         self.indices: dict[str, list[int]] = {}
         self._inputs: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
 
+    def state_dict(self) -> dict[str, list[int]]:
+        return {split: list(indices) for split, indices in self.indices.items()}
+
+    def load_state_dict(self, state: dict[str, list[int]]) -> None:
+        """Another run's probes: collated anew on their next use."""
+        self.indices = {split: list(indices) for split, indices in state.items()}
+        self._inputs.clear()
+
     def inputs(self, split: str, loaders: Any, n: int) -> tuple[Tensor, Tensor]:
         """The probe of ``split``: up to ``n`` inputs of the loader's dataset (the first loader of a list)
         and their sample ids (the batch's, else dataset positions)."""

@@ -167,7 +167,7 @@ class FIMNormCallback(Callback):
         return {
             "run_folder": None if self.folder is None else str(self.folder.path),
             "run_id": self.run_id,
-            "probe_indices": self.probe_indices,
+            "probe_indices": self.probes.state_dict(),
             "last_tracked_step": self.last_tracked_step,
             "errors": self.errors,
         }
@@ -180,7 +180,7 @@ class FIMNormCallback(Callback):
         if self._restored_folder is not None and Path(self._restored_folder).is_dir():
             folder = RunFolder(self._restored_folder)
             self.detectors, self.metric_state = folder.read_detectors(), folder.read_metric_state()
-        self.probes.indices = {k: list(v) for k, v in state_dict.get("probe_indices", {}).items()}
+        self.probes.load_state_dict(state_dict.get("probe_indices", {}))
         self.last_tracked_step = int(state_dict.get("last_tracked_step", -1))
         self.errors = int(state_dict.get("errors", 0))
         self._tracked_once = self.last_tracked_step >= 0
@@ -263,29 +263,28 @@ class FIMNormCallback(Callback):
         collective) and hand the rows to the loggers and the history; a failure after tracking has worked
         skips the event (see the failure policy)."""
         start = time.perf_counter()
-        norms_and_ids = self._attempt(
-            trainer, f"tracking {prefix}", lambda: self._score(pl_module, probe(), sharded)
-        )
-        self.seconds["tracking"] += time.perf_counter() - start
-        if norms_and_ids is None:
-            return
-        norms, ids = norms_and_ids
-        self._tracked_once = True
-        logged = summarize(
-            norms, f"{self._key('fim')}/{prefix}", self.tracking.quantiles, self.tracking.log_per_layer
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics(logged, step=trainer.global_step)
-        boards = (
-            [board for board in dashboards(trainer) if board.shows_pictures] if self.pictures.enabled else []
-        )
-        for board in boards:
-            board.histogram(
-                f"{self._key('fim')}/{prefix}/log_norm_hist", log_norms(norms.total), trainer.global_step
+        try:
+            norms_and_ids = self._attempt(
+                trainer, f"tracking {prefix}", lambda: self._score(pl_module, probe(), sharded)
             )
-        if self._writer is not None and trainer.is_global_zero:
-            self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, ids)
-        self.seconds["tracking"] += time.perf_counter() - start
+            if norms_and_ids is None:
+                return
+            norms, ids = norms_and_ids
+            self._tracked_once = True
+            logged = summarize(
+                norms, f"{self._key('fim')}/{prefix}", self.tracking.quantiles, self.tracking.log_per_layer
+            )
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=trainer.global_step)
+            pictures = self.pictures.enabled
+            for board in [board for board in dashboards(trainer) if pictures and board.shows_pictures]:
+                board.histogram(
+                    f"{self._key('fim')}/{prefix}/log_norm_hist", log_norms(norms.total), trainer.global_step
+                )
+            if self._writer is not None and trainer.is_global_zero:
+                self._writer.append(prefix, trainer.global_step, trainer.current_epoch, norms, ids)
+        finally:
+            self.seconds["tracking"] += time.perf_counter() - start
 
     def _score(
         self, pl_module: L.LightningModule, probe: tuple[Tensor, Tensor], sharded: bool

@@ -162,7 +162,7 @@ _REGISTRY: dict[str, type[Dashboard]] = {
 def register_dashboard(logger_class_name: str, adapter: type[Dashboard], *, overwrite: bool = False) -> None:
     """Use ``adapter`` for loggers of class ``logger_class_name`` (or a subclass of it); refuses to replace
     another adapter unless ``overwrite``."""
-    register(_REGISTRY, logger_class_name, adapter, what="a dashboard for", overwrite=overwrite)
+    register(_REGISTRY, adapter, logger_class_name, what="a dashboard for", overwrite=overwrite)
 
 
 def show_run(board: Dashboard, run: RunArtifacts, paths: Mapping[str, Path], step: int, prefix: str) -> None:

@@ -120,7 +120,11 @@ def evaluation_loaders(
             test = datamodule.test_dataloader()
         if fit is None and hasattr(datamodule, "val_dataloader"):
             fit = datamodule.val_dataloader()
-    missing = [name for name, value in (("validation (fit)", fit), ("test", test), ("OOD", ood)) if not value]
+    missing = [  # a loader of an IterableDataset has no length: only None and empty lists are missing
+        name
+        for name, value in (("validation (fit)", fit), ("test", test), ("OOD", ood))
+        if value is None or (isinstance(value, Mapping | Sequence) and not value)
+    ]
     if missing:
         rank_zero_warn(
             f"FIMNormCallback: skipping the OOD evaluation, no {', '.join(missing)} data. Pass "

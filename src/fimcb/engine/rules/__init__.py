@@ -75,8 +75,7 @@ def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable
     """
 
     def decorate(rule: R) -> R:
-        for key in module_types:
-            register(RULES, key, rule(), what="a rule for", overwrite=overwrite, kind=type)
+        register(RULES, rule(), *module_types, what="a rule for", overwrite=overwrite)
         _VERSION[0] += 1
         return rule
 

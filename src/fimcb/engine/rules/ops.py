@@ -100,8 +100,7 @@ def register_op_rule(*funcs: Callable[..., Any], overwrite: bool = False) -> Cal
     ``overwrite``."""
 
     def decorate(rule: R) -> R:
-        for func in funcs:
-            register(OP_RULES, func, rule(), what="an op rule for", overwrite=overwrite, kind=type)
+        register(OP_RULES, rule(), *funcs, what="an op rule for", overwrite=overwrite)
         return rule
 
     return decorate
@@ -277,6 +276,7 @@ class LocalOpRule(OpRule):
             batched,
             [(position, g, True) for position, g in zip(outputs, grads, strict=True)],
             op.batch,
+            key=op.func,
         )
         return {p: Dense(found[str(p)]) for p in positions}
 
