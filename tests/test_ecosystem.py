@@ -6,13 +6,19 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from ecosystem_models import LIBRARIES, PATTERNS, idioms
+from lightning.pytorch.loggers import WandbLogger
+from torch.utils.data import DataLoader, TensorDataset
 from toy_models import naive_layer_norms
 
-from fimcb import per_sample_layer_norms
+from fimcb import FIMNormCallback, per_sample_layer_norms
+from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
+from fimcb.run.history import load_history
 
 CASES = {**PATTERNS, **LIBRARIES}
 
@@ -67,3 +73,53 @@ def test_hooks_engine_is_exact_on_other_layers_and_idioms(name: str) -> None:
         norms = per_sample_layer_norms(model, x, engine="hooks")
         assert _relative_error(norms.values, want) <= 1e-10
         torch.testing.assert_close(norms.log_likelihood, want_ll, rtol=1e-12, atol=1e-12)
+
+
+def test_the_callback_on_a_transformers_model_twice_in_one_wandb_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user would: Hugging Face GPT-2 in a LightningModule, W&B offline, two runs in one folder."""
+    model, _ = _build("transformers_gpt2", torch.float32)  # skips (or fails in CI) without transformers
+    wandb = pytest.importorskip("wandb")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = model
+
+        def log_likelihood(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.gpt.log_likelihood(tokens)
+
+        def training_step(self, batch, index):  # type: ignore[no-untyped-def]
+            return -self.log_likelihood(batch[0]).mean()
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.Adam(self.parameters(), 1e-3)
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int, high: int = 40) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randint(0, high, (n, 10), generator=generator)), batch_size=8)
+
+    folders = []
+    for _ in range(2):
+        callback = FIMNormCallback(
+            Tracking(every_n_train_steps=2, n_train_probe=8, n_val_probe=8),
+            Scoring(metric="kfac"),
+            Evaluation(max_samples=16),
+            Pictures(enabled=False),
+            fit_loader=tokens(16),
+            test_loader=tokens(16),
+            ood_loaders={"few_tokens": tokens(16, 3)},
+        )
+        logger = WandbLogger(project="users", save_dir=str(tmp_path), offline=True)
+        trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=logger, enable_progress_bar=False)
+        trainer.fit(Module(), tokens(32))
+        wandb.finish()
+        assert callback.errors == 0 and (callback.folder.path / "ood_metrics.json").is_file()
+        history = load_history(callback.folder.path / "history")
+        assert sorted(set(history.select("train_probe").step.tolist())) == [0, 2, 4]
+        folders.append(callback.folder.path)
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent == tmp_path / "users"
