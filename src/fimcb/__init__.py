@@ -23,7 +23,7 @@ from fimcb.run.summaries import summarize
 
 __version__ = "0.1.0"
 
-_LAZY = {"FIMNormCallback": "fimcb.lightning.callback"}
+_LAZY = {"FIMNormCallback": "fimcb.lightning.callback", "TrainingSignals": "fimcb.lightning.signals"}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +44,7 @@ __all__ = [
     "ModelProtocolError",
     "OODResult",
     "ScoringOptions",
+    "TrainingSignals",
     "build_detector",
     "evaluate_ood",
     "influence",
