@@ -1,5 +1,6 @@
-"""Every registry (metrics, detectors, layer rules, op rules, dashboards) refuses to replace an entry
-silently: registering the same class again is harmless, another class needs ``overwrite=True``."""
+"""Every registry (metrics, detectors, layer rules, unrolled forwards, op rules, dashboards) refuses to
+replace an entry silently: registering the same class again is harmless, another class needs
+``overwrite=True``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from fimcb.core.metric import METRICS, Identity, register_metric
 from fimcb.detectors import DETECTORS, TotalNorm, register_detector
-from fimcb.engine.rules import RULES, register_rule
+from fimcb.engine.rules import RULES, UNROLLED, register_rule, register_unrolled
 from fimcb.engine.rules.ops import OP_RULES, register_op_rule
 from fimcb.lightning import dashboards
 from fimcb.lightning.dashboards import register_dashboard
@@ -49,6 +50,12 @@ CASES: dict[str, tuple[dict[Any, Any], Any, Callable[[Any, bool], Any], Callable
         nn.Linear,
         lambda c, o: register_rule(nn.Linear, overwrite=o)(c),
         lambda: _rule_class(RULES, nn.Linear),
+    ),
+    "unrolled forward": (
+        UNROLLED,
+        nn.LSTM,
+        lambda c, o: register_unrolled(nn.LSTM, overwrite=o)(c),
+        lambda: _rule_class(UNROLLED, nn.LSTM),
     ),
     "op rule": (
         OP_RULES,

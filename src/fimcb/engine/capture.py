@@ -39,7 +39,7 @@ from fimcb.core.protocol import check_log_likelihood_output
 from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor, Spanned
 from fimcb.engine.func import subset_gradients
 from fimcb.engine.local import per_sample_vjp
-from fimcb.engine.rules import Call, Rule, rule_for, rule_version
+from fimcb.engine.rules import Call, Rule, rule_for, rule_version, unrolled_for
 from fimcb.engine.rules.ops import LocalOpRule, OpCall
 from fimcb.engine.tracker import (
     BatchTracker,
@@ -187,8 +187,17 @@ class _Forward:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
+        """Hooks on every owner of parameters, except modules with an unrolled forward: those run it
+        instead of their own, unhooked, and their parameters are found by the tracker like any used
+        in plain torch code."""
         handles = []
+        unrolled = []
         for module, local, own in self.plan.owners:
+            forward = unrolled_for(module)
+            if forward is not None:
+                module.forward = functools.partial(forward.forward, module)
+                unrolled.append(module)
+                continue
             if self.tracked:
                 handles.append(module.register_forward_pre_hook(self._make_enter(own)))
             handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
@@ -198,6 +207,8 @@ class _Forward:
         finally:
             for handle in handles:
                 handle.remove()
+            for module in unrolled:
+                del module.forward
 
     def _tracker(self) -> contextlib.AbstractContextManager[Any]:
         tracking = self.plan.tracking

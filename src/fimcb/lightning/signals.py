@@ -9,6 +9,7 @@ so that each value belongs to the same weights as the loss logged at that step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as L
@@ -19,7 +20,7 @@ from torch.optim import Optimizer
 PREFIX = "signals"
 
 
-def l2_norm(tensors: list[Tensor]) -> float:
+def l2_norm(tensors: Sequence[Tensor]) -> float:
     """The Euclidean norm of several tensors taken as one vector (0.0 for none)."""
     if not tensors:
         return 0.0

@@ -61,6 +61,7 @@ ModuleKey = type[nn.Module] | str
 RULES: dict[ModuleKey, Rule] = {}
 _VERSION = [0]  # bumped by every registration, so that cached plans are rebuilt
 R = TypeVar("R", bound=type[Rule])
+U = TypeVar("U", bound=type["Unrolled"])
 
 
 def qualified_name(module_type: type) -> str:
@@ -82,6 +83,42 @@ def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable
     return decorate
 
 
+class Unrolled(ABC):
+    """A module's forward written in torch operations the engine has rules for, used in its place while
+    a batch is captured: for a layer whose fused kernel neither a rule nor ``vmap`` can see into (an
+    RNN), its parameters are then served by op rules like any parameter used in plain torch code. The
+    forward must compute what the module's own does (equal up to rounding) for every input."""
+
+    @abstractmethod
+    def forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+        """The module's output for these arguments."""
+
+
+UNROLLED: dict[ModuleKey, Unrolled] = {}
+
+
+def register_unrolled(*module_types: ModuleKey, overwrite: bool = False) -> Callable[[U], U]:
+    """Class decorator: capture modules of exactly these types through this unrolled forward.
+
+    Refuses to replace one registered for the same type unless ``overwrite=True``.
+    """
+
+    def decorate(unrolled: U) -> U:
+        register(UNROLLED, unrolled(), *module_types, what="an unrolled forward for", overwrite=overwrite)
+        _VERSION[0] += 1
+        return unrolled
+
+    return decorate
+
+
+def unrolled_for(module: nn.Module) -> Unrolled | None:
+    """The unrolled forward of ``module``'s type, or ``None`` (also for a module whose ``forward`` the
+    user replaced on the instance: that one is what runs)."""
+    if "forward" in vars(module):
+        return None
+    return UNROLLED.get(type(module)) or UNROLLED.get(qualified_name(type(module)))
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule covering ``module``, or ``None``."""
     rule = RULES.get(type(module)) or RULES.get(qualified_name(type(module)))
@@ -94,6 +131,17 @@ def rule_version() -> int:
 
 
 # Importing the rule modules fills the registry (the third-party ones import nothing of their library).
-from fimcb.engine.rules import conv, embedding, linear, norm, thirdparty  # noqa: E402, F401
+from fimcb.engine.rules import conv, embedding, linear, norm, recurrent, thirdparty  # noqa: E402, F401
 
-__all__ = ["RULES", "Call", "Rule", "qualified_name", "register_rule", "rule_for"]
+__all__ = [
+    "RULES",
+    "UNROLLED",
+    "Call",
+    "Rule",
+    "Unrolled",
+    "qualified_name",
+    "register_rule",
+    "register_unrolled",
+    "rule_for",
+    "unrolled_for",
+]
