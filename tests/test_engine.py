@@ -6,8 +6,10 @@ import logging
 
 import pytest
 import torch
+from ecosystem_models import Functional
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
+from torch import nn
 from toy_models import (
     BatchStatsNorm,
     ControlFlowModel,
@@ -27,7 +29,7 @@ from toy_models import (
 )
 
 from fimcb import ModelProtocolError, per_sample_layer_norms
-from fimcb.engine.factors import Dense, IndexSum, OuterSum
+from fimcb.engine.factors import Dense, Factor, IndexSum, OuterSum
 from fimcb.engine.rules import RULES, Call, Rule, register_rule
 from fimcb.engine.rules.norm import SamplesInteractError
 from fimcb.metrics import Diagonal, Identity, Metric
@@ -186,9 +188,31 @@ def test_hooks_log_which_route_each_layer_takes(caplog: pytest.LogCaptureFixture
         per_sample_layer_norms(CustomLayerModel(3), torch.randn(4, 3), engine="hooks")
         glow = Glow(image_shape=(1, 4, 4), num_levels=17, n_levels=1, n_steps=1, hidden_channels=4)
         per_sample_layer_norms(glow, torch.rand(3, 1, 4, 4), engine="hooks")
-    assert "rule: Linear(2); module-local torch.func: Gate(2)" in caplog.text
+    # a layer without a rule is not a unit: its parameters are served where they are used
+    assert "rule: Linear(2); op rule: gate.shift; batched pull-back: gate.log_gain" in caplog.text
     assert "rule: ActNorm(2), AffineCoupling" not in caplog.text  # containers own no parameters
     assert "rule: ActNorm(2), Conv2d(2), InvConv1x1(3), TopPrior(2)" in caplog.text
+
+
+class BrokenRuleLinear(nn.Linear):
+    """A linear layer whose rule fails: module-local ``torch.func`` serves it, exactly."""
+
+
+@register_rule(BrokenRuleLinear)
+class _FailingRule(Rule):
+    def factors(self, call: Call) -> dict[str, Factor]:
+        raise RuntimeError("this rule always fails")
+
+
+def test_a_failing_rule_falls_back_to_module_local_torch_func(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = Functional(lambda m, x: m.l(x).tanh().sum(1), l=BrokenRuleLinear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    with caplog.at_level(logging.INFO, logger="fimcb"):
+        got = per_sample_layer_norms(model, x, engine="hooks").values
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert "module-local torch.func: BrokenRuleLinear(2)" in caplog.text
 
 
 def test_never_touches_grad_mode_or_rng() -> None:

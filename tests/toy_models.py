@@ -199,7 +199,7 @@ class RandomConvNet(nn.Module):
 
 
 class Gate(nn.Module):
-    """A custom layer without a rule, returning a tuple: exercises the module-local torch.func route."""
+    """A custom layer without a rule, returning a tuple: its parameters are served by op rules where used."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -187,9 +187,10 @@ class _Forward:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        """Hooks on every owner of parameters, except modules with an unrolled forward: those run it
-        instead of their own, unhooked, and their parameters are found by the tracker like any used
-        in plain torch code."""
+        """Hooks on every owner of parameters that has a rule. A module with an unrolled forward runs it
+        instead of its own; it and a module without a rule are not hooked: their parameters are found
+        by the tracker like any used in plain torch code, and served by op rules (op-local
+        ``torch.func`` for an operation without one)."""
         handles = []
         unrolled = []
         for module, local, own in self.plan.owners:
@@ -197,6 +198,8 @@ class _Forward:
             if forward is not None:
                 module.forward = functools.partial(forward.forward, module)
                 unrolled.append(module)
+                continue
+            if rule_for(module) is None:
                 continue
             if self.tracked:
                 handles.append(module.register_forward_pre_hook(self._make_enter(own)))
