@@ -248,6 +248,8 @@ def test_grokking_config_tracks_densely_and_draws_text_pictures(tmp_path: Path) 
         "2",
         "--trainer.callbacks.init_args.pictures.influence_samples",
         "8",
+        "--trainer.log_every_n_steps",
+        "2",
         "--trainer.callbacks.init_args.pictures.enabled",
         "true",
     )
