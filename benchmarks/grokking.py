@@ -1,7 +1,7 @@
 """Does the FIM-norm move before validation accuracy jumps, over seeds, and earlier than the baselines?
 
     bash benchmarks/grokking_runs.sh configs/grokking_modadd.yaml 0 1 2 3 4 5 6 7
-    bash benchmarks/grokking_runs.sh configs/grokking_modsub.yaml 0 1 2 3 4 5 6 7
+    bash benchmarks/grokking_runs.sh configs/grokking_modsub.yaml 0 1 2 3 4 5 6 7 8 9
     python benchmarks/grokking.py runs/grokking_modadd/seed_* runs/grokking_modsub/seed_* \\
         --out docs/figures/grokking_seeds.png --json grokking.json
 
@@ -51,6 +51,8 @@ BASELINES = {
 HELD_OUT = {"val NLL": "val/nll"}
 #: The signals of the online alarm (training-only); FIM-norms are logs, so moves are differences.
 ALARM_SIGNALS = (FIM_TRAIN, *BASELINES)
+#: Steps shown around validation accuracy's 50 % point in the aligned figure.
+SPAN = (-3000, 2000)
 #: The signals of the aligned figure.
 FIGURE_SIGNALS = (ACC, FIM_TRAIN, "val-probe FIM-norm", *BASELINES)
 
@@ -80,6 +82,10 @@ def fim_medians(history_dir: Path) -> pd.DataFrame:
     return logs.groupby(["split", "step"]).median()
 
 
+class Unsettled(ValueError):
+    """A run whose training accuracy is not above ``SETTLED`` at its end: it has no transition window."""
+
+
 @dataclass
 class Run:
     """One run on the grid: smoothed signals (columns), smoothed training accuracy, settled step."""
@@ -105,6 +111,8 @@ def load_run(path: Path, window: int) -> Run:
     signals = pd.DataFrame(columns).rolling(window, min_periods=1).median()
     raw_acc = logged(metrics, "train/acc_step")
     unsettled = raw_acc[raw_acc < SETTLED]
+    if len(unsettled) and unsettled.index.max() == raw_acc.index.max():
+        raise Unsettled(f"{path}: training accuracy is below {SETTLED:.0%} at the end of the run")
     settled_raw = (
         raw_acc.index[raw_acc.index > unsettled.index.max()][0] if len(unsettled) else raw_acc.index[0]
     )
@@ -238,22 +246,22 @@ def alarms(groups: dict[str, list[Run]], found: dict[str, list], early: int) -> 
 
 
 def aligned(runs: list[Run], found: list[dict[str, dict[str, float]]], signal: str) -> pd.DataFrame:
-    """``signal`` of each run, scaled to [0, 1] over its transition window, on steps relative to
-    validation accuracy's 50 % point (columns: runs)."""
+    """``signal`` of each run on steps relative to validation accuracy's 50 % point (columns: runs),
+    within ``SPAN`` of it, scaled to [0, 1] there; a baseline (which spans orders of magnitude) by its
+    log."""
     columns = {}
     for run, f in zip(runs, found, strict=True):
-        series = run.signals[signal]
-        window = series[series.index >= run.settled]
-        low, high = window.min(), window.max()
-        scaled = (series - low) / (high - low) if high > low else series * 0.0
-        scaled.index = scaled.index - f[ACC]["50%"]
-        columns[run.name] = scaled
+        series = np.log(run.signals[signal]) if signal in BASELINES else run.signals[signal]
+        series.index = series.index - f[ACC]["50%"]
+        shown = series[(series.index >= SPAN[0]) & (series.index <= SPAN[1])]
+        low, high = shown.min(), shown.max()
+        columns[run.name] = (shown - low) / (high - low) if high > low else shown * 0.0
     return pd.DataFrame(columns)
 
 
 def figure(groups: dict[str, list[Run]], found: dict[str, list], path: Path) -> None:
-    """Median and interquartile band over seeds of each signal, aligned at validation accuracy's
-    50 % point; one column per setting."""
+    """Median and interquartile band over seeds of each signal (each seed scaled to [0, 1] in the
+    span shown), aligned at validation accuracy's 50 % point; one column per setting."""
     fig, axes = plt.subplots(
         len(FIGURE_SIGNALS),
         len(groups),
@@ -270,10 +278,12 @@ def figure(groups: dict[str, list[Run]], found: dict[str, list], path: Path) -> 
             ax.fill_between(quantiles.index, quantiles[0.25], quantiles[0.75], alpha=0.25, linewidth=0)
             ax.plot(quantiles.index, quantiles[0.5], linewidth=1.4)
             ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
-            ax.set_xlim(-3000, 2000)
+            ax.set_xlim(*SPAN)
+            ax.set_ylim(-0.05, 1.05)
             ax.tick_params(labelsize=7)
             if column == 0:
-                ax.set_ylabel(signal.replace(" ", "\n", 1), fontsize=7)
+                label = f"log {signal}" if signal in BASELINES else signal
+                ax.set_ylabel(label.replace(" ", "\n", 1), fontsize=7)
             if row == 0:
                 ax.set_title(f"{setting} ({len(runs)} seeds)", fontsize=8)
         axes[-1, column].set_xlabel("steps from validation accuracy's 50 % point", fontsize=7)
@@ -295,9 +305,19 @@ def main() -> None:
 
     groups: dict[str, list[Run]] = {}
     for path in args.runs:
-        run = load_run(path, args.window)
+        try:
+            run = load_run(path, args.window)
+        except Unsettled as err:  # reported, and left out of every statistic
+            print(f"left out: {err}")
+            continue
         groups.setdefault(path.parent.name, []).append(run)
     found = {s: [run_events(r, args.window) for r in runs] for s, runs in groups.items()}
+    for setting, runs in groups.items():  # validation accuracy does not rise after training settles
+        keep = [i for i, f in enumerate(found[setting]) if np.isfinite([f[ACC]["10%"], f[ACC]["50%"]]).all()]
+        for i in sorted(set(range(len(runs))) - set(keep)):
+            print(f"left out: {runs[i].name}: no rise of validation accuracy after step {runs[i].settled}")
+        groups[setting] = [runs[i] for i in keep]
+        found[setting] = [found[setting][i] for i in keep]
     for setting, runs in groups.items():
         names = [c for c in runs[0].signals.columns if c != ACC]
         print_setting(setting, runs, found[setting], lead_table(found[setting], names))

@@ -267,7 +267,7 @@ def test_grokking_config_tracks_densely_and_draws_text_pictures(tmp_path: Path) 
     figures = {p.stem for p in (run_dir / "figures").glob("*.png")}
     assert {"training_dynamics", "layer_heatmap_val", "novel_samples_most", "influence"} <= figures
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"signals/weight_norm", "signals/weight_norm/head", "signals/grad_norm"} <= set(header)  # baselines
+    assert {"signals/weight_norm", "signals/weight_norm/head", "signals/grad_norm"} <= set(header)
 
 
 @pytest.mark.usefixtures("_no_pytest_argv")
