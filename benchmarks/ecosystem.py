@@ -145,12 +145,14 @@ What the numbers mean, and how they compare with the targets, is in [performance
 - **exact**: the largest deviation of any per-sample layer norm from a naive loop of per-sample
   `backward()` calls, relative to the sample's largest layer norm, in float64 / float32 (targets
   1e-10 / 1e-4), over the model's first batch (tracked and checked against autograd) and the next.
-- **routes**: how the hooks engine serves each layer type and each parameter used outside its module
-  (`fimcb.engine.describe_routes`): a layer rule, module-local `torch.func` for a layer without one, an
-  op rule or a batched pull-back for parameters used outside modules, and any fallback with its reason.
+- **routes**: how the hooks engine serves each layer type and each parameter used outside a ruled
+  module (`fimcb.engine.describe_routes`): a layer rule; an op rule or a batched pull-back for
+  parameters used in plain torch code, in a layer without a rule or in an unrolled recurrent layer;
+  module-local `torch.func` for a layer whose rule failed; and any fallback with its reason.
 - **time, memory**: `per_sample_layer_norms` against one plain batched forward and backward of the
   summed log-likelihood, interleaved in one process: the median time ratio over {args.repeats} repeats
-  (25-75 % range), and the ratio of peak resident memory rises, each measured in a forked child.
+  (25-75 % range), and the ratio of peak resident memory rises, each measured in a forked child that
+  first returns the allocator's free memory and resets its peak (`benchmarks/engine.py:peak_rise`).
 
 """
 

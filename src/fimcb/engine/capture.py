@@ -39,7 +39,7 @@ from fimcb.core.protocol import check_log_likelihood_output
 from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor, Spanned
 from fimcb.engine.func import subset_gradients
 from fimcb.engine.local import per_sample_vjp
-from fimcb.engine.rules import Call, Rule, rule_for, rule_version, unrolled_for
+from fimcb.engine.rules import Call, Rule, Unrolled, rule_for, rule_version, unrolled_for
 from fimcb.engine.rules.ops import LocalOpRule, OpCall
 from fimcb.engine.tracker import (
     BatchTracker,
@@ -96,6 +96,8 @@ class _Plan:
     verified: bool = False
     fallback: dict[str, str] = field(default_factory=dict)  # parameter -> why it is served by torch.func
     routes: dict[str, set[Route]] = field(default_factory=lambda: defaultdict(set))
+    hooked: list[tuple[nn.Module, dict[str, str], list[int]]] = field(default_factory=list)  # with a rule
+    unrolled: list[tuple[nn.Module, Unrolled]] = field(default_factory=list)  # run unrolled, unhooked
 
     @staticmethod
     def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
@@ -109,7 +111,14 @@ class _Plan:
             }
             if local:
                 owners.append((module, local, [id(p) for p in module.parameters(recurse=False)]))
-        return _Plan(key, owners)
+        plan = _Plan(key, owners)
+        for owner in owners:  # a module without a rule is not hooked: the tracker finds its parameters
+            unrolled = unrolled_for(owner[0])
+            if unrolled is not None:
+                plan.unrolled.append((owner[0], unrolled))
+            elif rule_for(owner[0]) is not None:
+                plan.hooked.append(owner)
+        return plan
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
@@ -193,14 +202,11 @@ class _Forward:
         ``torch.func`` for an operation without one)."""
         handles = []
         unrolled = []
-        for module, local, own in self.plan.owners:
-            forward = unrolled_for(module)
-            if forward is not None:
+        for module, forward in self.plan.unrolled:
+            if "forward" not in vars(module):  # a forward the user set on the instance is what runs
                 module.forward = functools.partial(forward.forward, module)
                 unrolled.append(module)
-                continue
-            if rule_for(module) is None:
-                continue
+        for module, local, own in self.plan.hooked:
             if self.tracked:
                 handles.append(module.register_forward_pre_hook(self._make_enter(own)))
             handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
