@@ -13,6 +13,7 @@ support the model; install them for the benchmark only (``pip install backpack-f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import os
@@ -139,12 +140,10 @@ def _start_peak() -> int:
     """Prepare to measure a peak from here: memory the allocator keeps free is given back (glibc)
     and the peak resident size is reset to the current one (Linux), so that the rise counts what
     the measured call needs, not what the process happened to hold free before. Returns KiB now."""
-    try:
+    with contextlib.suppress(OSError):  # not glibc: memory held free may serve the call (understated)
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not glibc or no clear_refs: the rise is then a lower bound
-        pass
+    with open("/proc/self/clear_refs", "w") as f:  # without a reset, the peak would be the parent's
+        f.write("5")
     return _status_kib("VmRSS")
 
 
@@ -154,8 +153,8 @@ def peak_rise(fn: Callable[[], None]) -> float:
     pid = os.fork()
     if pid == 0:
         os.close(read)
-        start = _start_peak()
         try:
+            start = _start_peak()
             fn()
             rise = (_status_kib("VmHWM") - start) / 1024
         except Exception:

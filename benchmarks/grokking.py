@@ -159,6 +159,12 @@ def first_alarm(signal: pd.Series, train_acc: pd.Series, falls: bool, delta: flo
     return np.nan
 
 
+def relative_moves(signal: str) -> bool:
+    """Whether an alarm on ``signal`` measures moves as a fraction of its extreme (a baseline) or as a
+    difference (the FIM-norm, a log)."""
+    return signal != FIM_TRAIN
+
+
 def summary(leads: Sequence[float]) -> str:
     """``median [min, max] k/n``: k of the n seeds with a defined lead that lead (> 0)."""
     values = np.asarray([v for v in leads if np.isfinite(v)])
@@ -210,7 +216,7 @@ def calibrate(
     """The direction (majority over seeds) and the smallest delta of ``signal``'s alarm with no alarm
     more than ``early`` steps before validation accuracy's 10 % point on these runs."""
     falls = bool(np.nanmean([f[signal]["falls"] for f in found]) >= 0.5)
-    relative = signal != FIM_TRAIN
+    relative = relative_moves(signal)
     for delta in np.geomspace(1e-3, 10.0, 161):
         fired = [first_alarm(r.signals[signal], r.train_acc, falls, delta, relative) for r in runs]
         if all(not (a < f[ACC]["10%"] - early) for a, f in zip(fired, found, strict=True)):
@@ -227,7 +233,7 @@ def alarms(groups: dict[str, list[Run]], found: dict[str, list], early: int) -> 
     print(header + f"{'false':>7}{'silent':>8}\n" + "-" * (len(header) + 15))
     for signal in ALARM_SIGNALS:
         falls, delta = calibrate(groups[first], found[first], signal, early)
-        relative = signal != FIM_TRAIN
+        relative = relative_moves(signal)
         report[signal] = {"falls": falls, "delta": delta, "relative": relative}
         for setting, runs in groups.items():
             fired = [first_alarm(r.signals[signal], r.train_acc, falls, delta, relative) for r in runs]

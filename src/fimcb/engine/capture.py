@@ -4,7 +4,9 @@ Forward hooks record each call of every module that owns trainable parameters; o
 of the summed log-likelihood with respect to those calls' outputs gives the per-sample output
 gradients (samples are independent), and no weight gradient is formed at all. Each module call then
 becomes factors of its parameters' per-sample gradients (:mod:`fimcb.engine.factors`): by the
-module's rule (:mod:`fimcb.engine.rules`), or by module-local ``torch.func`` for a layer without one.
+module's rule (:mod:`fimcb.engine.rules`), or by module-local ``torch.func`` where the rule fails.
+A layer without a rule is not hooked: its parameters are served where they are used, like those of
+a recurrent layer, which runs unrolled (:mod:`fimcb.engine.rules.recurrent`).
 
 Models whose parameters are used outside their modules, or whose modules run once for the whole
 batch, are run under the batch tracker (:mod:`fimcb.engine.tracker`): its boundaries give the
@@ -96,12 +98,13 @@ class _Plan:
     verified: bool = False
     fallback: dict[str, str] = field(default_factory=dict)  # parameter -> why it is served by torch.func
     routes: dict[str, set[Route]] = field(default_factory=lambda: defaultdict(set))
-    hooked: list[tuple[nn.Module, dict[str, str], list[int]]] = field(default_factory=list)  # with a rule
+    rules: dict[nn.Module, Rule] = field(default_factory=dict)  # the owners with a rule: hooked
     unrolled: list[tuple[nn.Module, Unrolled]] = field(default_factory=list)  # run unrolled, unhooked
 
     @staticmethod
     def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
         global_name = {id(p): name for name, p in params.items()}
+        plan = _Plan(key, [])
         owners = []
         for module in model.modules():
             local = {
@@ -109,15 +112,16 @@ class _Plan:
                 for n, p in module.named_parameters(recurse=False)
                 if id(p) in global_name
             }
-            if local:
-                owners.append((module, local, [id(p) for p in module.parameters(recurse=False)]))
-        plan = _Plan(key, owners)
-        for owner in owners:  # a module without a rule is not hooked: the tracker finds its parameters
-            unrolled = unrolled_for(owner[0])
+            if not local:
+                continue
+            owners.append((module, local, [id(p) for p in module.parameters(recurse=False)]))
+            # a module without a rule is not hooked: the tracker finds its parameters where they are used
+            unrolled, rule = unrolled_for(module), rule_for(module)
             if unrolled is not None:
-                plan.unrolled.append((owner[0], unrolled))
-            elif rule_for(owner[0]) is not None:
-                plan.hooked.append(owner)
+                plan.unrolled.append((module, unrolled))
+            elif rule is not None:
+                plan.rules[module] = rule
+        plan.owners = owners
         return plan
 
 
@@ -202,15 +206,17 @@ class _Forward:
         ``torch.func`` for an operation without one)."""
         handles = []
         unrolled = []
-        for module, forward in self.plan.unrolled:
-            if "forward" not in vars(module):  # a forward the user set on the instance is what runs
-                module.forward = functools.partial(forward.forward, module)
-                unrolled.append(module)
-        for module, local, own in self.plan.hooked:
-            if self.tracked:
-                handles.append(module.register_forward_pre_hook(self._make_enter(own)))
-            handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
         try:
+            for module, forward in self.plan.unrolled:
+                if "forward" not in vars(module):  # a forward the user set on the instance is what runs
+                    module.forward = functools.partial(forward.forward, module)
+                    unrolled.append(module)
+            for module, local, own in self.plan.owners:
+                if module not in self.plan.rules:
+                    continue
+                if self.tracked:
+                    handles.append(module.register_forward_pre_hook(self._make_enter(own)))
+                handles.append(module.register_forward_hook(self._make_hook(local, own), with_kwargs=True))
             with self._tracker():
                 yield
         finally:
@@ -647,7 +653,7 @@ def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: d
             else torch.zeros(batch, *t.shape, dtype=t.dtype, device=t.device)
             for t, g, r in zip(call.outputs, call.grads, call.rows, strict=True)
         ]
-        rule = rule_for(call.module)
+        rule = plan.rules.get(call.module)
         routes: list[tuple[Route, Callable[[Rule | None, _ModuleCall, list[Tensor], int], dict[str, Factor]]]]
         routes = [(Route.RULE, _by_rule)] if rule is not None and (call.shared or call.batched) else []
         routes.append((Route.MODULE_LOCAL, _module_local))
@@ -722,7 +728,7 @@ def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch:
 
     batched = [call.input_rows(t) is not None for t in leaves]
     leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
-    output_grads = [  # outputs no gradient reached (an RNN's unused final state) contribute nothing
+    output_grads = [  # outputs no gradient reached (an unused second output) contribute nothing
         (i, g, r is not None)
         for i, g, r, received in zip(positions, grads, call.rows, call.grads, strict=True)
         if received is not None

@@ -10,11 +10,10 @@ so that each value belongs to the same weights as the loss logged at that step.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import lightning.pytorch as L
-import torch
 from torch import Tensor, nn
+from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
 PREFIX = "signals"
@@ -22,9 +21,7 @@ PREFIX = "signals"
 
 def l2_norm(tensors: Sequence[Tensor]) -> float:
     """The Euclidean norm of several tensors taken as one vector (0.0 for none)."""
-    if not tensors:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([t.detach().norm() for t in tensors])))
+    return float(get_total_norm([t.detach() for t in tensors]))
 
 
 def last_layer(model: nn.Module) -> str:
@@ -52,6 +49,7 @@ class TrainingSignals(L.Callback):
 
     def __init__(self, layer: str | None = None) -> None:
         self.layer = layer
+        self._name = ""  # the layer watched in this run (``layer`` or the model's last one)
         self._layer_params: list[Tensor] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -62,23 +60,19 @@ class TrainingSignals(L.Callback):
                 f"TrainingSignals(layer={name!r}): {type(pl_module).__name__} has no such module; "
                 f"name one of {[n for n in modules if n][:8]}..."
             )
-        self.layer = name
+        self._name = name
         self._layer_params = [p for p in modules[name].parameters() if p.requires_grad]
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer
     ) -> None:
+        if not trainer._logger_connector.should_update_logs:  # the step Lightning would not log
+            return
         params = [p for p in pl_module.parameters() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
         values = {
             f"{PREFIX}/weight_norm": l2_norm(params),
-            f"{PREFIX}/weight_norm/{self.layer}": l2_norm(self._layer_params),
+            f"{PREFIX}/weight_norm/{self._name}": l2_norm(self._layer_params),
             f"{PREFIX}/grad_norm": l2_norm(grads),
         }
         pl_module.log_dict(values, on_step=True, on_epoch=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.layer = state_dict["layer"]

@@ -5,10 +5,12 @@ per-sample gradients of the summed log-likelihood with respect to them, and retu
 :class:`~fimcb.engine.factors.Factor` per parameter (by local name, as in
 ``module.named_parameters(recurse=False)``). The same factors serve every quantity the library
 needs from a layer: plain and ghost norms, diagonal metrics, materialised gradients and the
-Kronecker statistics of K-FAC (:mod:`fimcb.metrics.kfac`). Modules without a rule fall back to
-module-local ``torch.func`` (exact, slower). Rules are looked up by exact module type, or by the
-qualified class name for layers of other libraries (``"transformers.pytorch_utils.Conv1D"``), so that
-registering them imports nothing; a subclass may change ``forward``, so it needs its own rule.
+Kronecker statistics of K-FAC (:mod:`fimcb.metrics.kfac`). A module without a rule is not hooked:
+its parameters are served where they are used (op rules, the pull-back, op-local ``torch.func``);
+one whose rule fails falls back to module-local ``torch.func`` (exact, slower). Rules are looked up
+by exact module type, or by the qualified class name for layers of other libraries
+(``"transformers.pytorch_utils.Conv1D"``), so that registering them imports nothing; a subclass may
+change ``forward``, so it needs its own rule.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Rule(ABC):
 
     def supports(self, module: Any) -> bool:
         """Whether this configuration of the module (one of the registered types) is covered; otherwise
-        the module's parameters take the module-local fallback."""
+        the module is treated as one without a rule."""
         return True
 
     @abstractmethod
@@ -69,18 +71,31 @@ def qualified_name(module_type: type) -> str:
     return f"{module_type.__module__}.{module_type.__qualname__}"
 
 
+def _registering(
+    registry: dict[ModuleKey, Any], what: str, module_types: tuple[ModuleKey, ...], overwrite: bool
+) -> Any:
+    """The class decorator of ``register_rule`` and ``register_unrolled``: registers an instance of the
+    class under every key (refusing a silent overwrite) and invalidates cached plans."""
+
+    def decorate(cls: Any) -> Any:
+        register(registry, cls(), *module_types, what=what, overwrite=overwrite)
+        _VERSION[0] += 1
+        return cls
+
+    return decorate
+
+
+def _lookup(registry: dict[ModuleKey, Any], module: nn.Module) -> Any:
+    """The entry for ``module``'s exact type, or for its qualified class name; ``None`` if neither."""
+    return registry.get(type(module)) or registry.get(qualified_name(type(module)))
+
+
 def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable[[R], R]:
     """Class decorator: use this rule for modules of exactly these types (or qualified class names).
 
     Refuses to replace a rule registered for the same type unless ``overwrite=True``.
     """
-
-    def decorate(rule: R) -> R:
-        register(RULES, rule(), *module_types, what="a rule for", overwrite=overwrite)
-        _VERSION[0] += 1
-        return rule
-
-    return decorate
+    return _registering(RULES, "a rule for", module_types, overwrite)
 
 
 class Unrolled(ABC):
@@ -102,26 +117,17 @@ def register_unrolled(*module_types: ModuleKey, overwrite: bool = False) -> Call
 
     Refuses to replace one registered for the same type unless ``overwrite=True``.
     """
-
-    def decorate(unrolled: U) -> U:
-        register(UNROLLED, unrolled(), *module_types, what="an unrolled forward for", overwrite=overwrite)
-        _VERSION[0] += 1
-        return unrolled
-
-    return decorate
+    return _registering(UNROLLED, "an unrolled forward for", module_types, overwrite)
 
 
 def unrolled_for(module: nn.Module) -> Unrolled | None:
-    """The unrolled forward of ``module``'s type, or ``None`` (also for a module whose ``forward`` the
-    user replaced on the instance: that one is what runs)."""
-    if "forward" in vars(module):
-        return None
-    return UNROLLED.get(type(module)) or UNROLLED.get(qualified_name(type(module)))
+    """The unrolled forward of ``module``'s type, or ``None``."""
+    return _lookup(UNROLLED, module)
 
 
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule covering ``module``, or ``None``."""
-    rule = RULES.get(type(module)) or RULES.get(qualified_name(type(module)))
+    rule = _lookup(RULES, module)
     return rule if rule is not None and rule.supports(module) else None
 
 
