@@ -1,17 +1,25 @@
-"""OOD detection of finished runs under every Fisher approximation × detector × group size.
+"""OOD detection of finished runs under Fisher approximations × detectors × group sizes, over seeds and
+disjoint draws, with the in-distribution-only selection of the default detector.
 
-    OMP_NUM_THREADS=1 python benchmarks/ood.py runs/zoo/glow/version_0 runs/zoo/vae/version_0 \\
-        --metrics identity layer_scalar diagonal kfac low_rank --groups 1 5 -- --data.root ../shared/data
+    OMP_NUM_THREADS=1 python benchmarks/ood.py runs/grid/vae_fashionmnist --seeds 0 1 2 --draws 2 \\
+        --metrics identity diagonal low_rank --groups 1 --shifts --out runs/ood_vae.json -- --data.root PATH
 
-For each run (rebuilt from its ``config.yaml`` and last checkpoint) and each metric: the metric is
-fitted on the training split (empirical Fisher, ``--fisher-samples`` samples) or on model samples
-(``--fisher true``); then, for each group size k, the layer norms of the validation split (the
-detectors' fit set), the test split (in-distribution) and every OOD set of the run's datamodule are
-computed (at most ``--max-samples`` samples per set), every detector is fitted on the validation
-features only and AUROCs are computed against the test split. Nothing is fitted or tuned on an OOD
-set. Prints markdown tables (AUROC per OOD set; seconds to fit the metric and to score all sets) and
-writes everything to ``--out`` as JSON; the features are kept in ``RUN/ood_benchmark/`` so that a
-second pass (new detectors) skips the scoring.
+A run is a directory with ``config.yaml`` and ``checkpoints/``; with ``--seeds`` each given directory
+holds ``seed_<S>/`` runs (``benchmarks/zoo.py --seeds``). For each run (rebuilt from its config and
+last checkpoint) and each metric: the metric is fitted on the training split (empirical Fisher,
+``--fisher-samples`` samples) or on model samples (``--fisher true``); then, for each group size k,
+the layer norms of the validation split (the detectors' fit set), the test split (in-distribution),
+every OOD set of the run's datamodule and, with ``--shifts``, the in-distribution shifts of
+:data:`SHIFTS` are computed, ``--draws × --max-samples`` samples per set. Draw d takes rows
+``[d·m, (d+1)·m)`` of every set (m groups of k samples), so draws are disjoint in fit, test and
+OOD samples; every detector is fitted on the draw's validation rows only and AUROCs are computed
+against the draw's test rows.
+
+The selection (``--shifts``, needs ``--draws`` ≥ 2) touches no OOD set: a detector fitted on draw d's
+validation rows is scored on draw d+1's validation rows (held-out in-distribution) against the shifts
+made from those same validation images. ``--collect`` prints the tables of JSON files written by
+this script: per run, per model over seeds and draws (mean ± sd), the grid, and the selection ranking.
+Features are cached in ``RUN/ood_benchmark/`` so that a second pass (new detectors) skips the scoring.
 """
 
 from __future__ import annotations
@@ -19,15 +27,20 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import statistics
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from finished_runs import load_run
-from torch import nn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from fimcb.data.datamodule import ImageSplit
 from fimcb.detectors import BASELINE_METHODS, DETECTORS
 from fimcb.engine import LayerNorms
 from fimcb.evaluation.ood import fit_and_score
@@ -35,6 +48,68 @@ from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import METRICS, Metric
 
 DEFAULT_METRICS = ("identity", "layer_scalar", "diagonal", "kfac", "low_rank")
+SHIFT_PREFIX = "shift:"
+
+
+def _pixelate(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Each 2×2 block replaced by its mean: the image's content at half the resolution."""
+    x = images.double()
+    h, w = x.shape[-2:]
+    pooled = F.avg_pool2d(x[..., : h // 2 * 2, : w // 2 * 2], 2)
+    out = x.clone()
+    out[..., : h // 2 * 2, : w // 2 * 2] = F.interpolate(pooled, scale_factor=2, mode="nearest")
+    return out.round().to(torch.uint8)
+
+
+def _blend(images: Tensor, generator: torch.Generator) -> Tensor:
+    """The pixel-wise mean of two different in-distribution images."""
+    partner = torch.roll(torch.arange(len(images)), 1)[torch.randperm(len(images), generator=generator)]
+    order = torch.randperm(len(images), generator=generator)
+    return ((images[order].double() + images[partner].double()) / 2).round().to(torch.uint8)
+
+
+def _contrast(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Contrast halved around each image's mean level."""
+    x = images.double()
+    mean = x.mean(dim=(-3, -2, -1), keepdim=True)
+    return (mean + (x - mean) / 2).round().to(torch.uint8)
+
+
+def _tiles(images: Tensor, generator: torch.Generator) -> Tensor:
+    """The four quadrants moved one place clockwise: local statistics kept, global layout broken."""
+    h, w = images.shape[-2] // 2 * 2, images.shape[-1] // 2 * 2
+    x = images[..., :h, :w]
+    top, bottom = x[..., : h // 2, :], x[..., h // 2 :, :]
+    tl, tr = top[..., : w // 2], top[..., w // 2 :]
+    bl, br = bottom[..., : w // 2], bottom[..., w // 2 :]
+    moved = torch.cat([torch.cat([bl, tl], dim=-1), torch.cat([br, tr], dim=-1)], dim=-2)
+    out = images.clone()
+    out[..., :h, :w] = moved
+    return out
+
+
+#: Shifts made from in-distribution validation images only, for choosing a default detector without OOD
+#: data; none of them is an OOD set of the evaluation (those are other datasets, flips, noise, constants).
+SHIFTS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
+    "pixelate": _pixelate,
+    "blend": _blend,
+    "contrast": _contrast,
+    "tiles": _tiles,
+}
+
+
+def shift_loaders(val: ImageSplit, per_draw: int, draws: int, batch_size: int) -> dict[str, DataLoader]:
+    """``{shift:NAME: loader}``: rows ``[d·per_draw, (d+1)·per_draw)`` are made from the first ``per_draw``
+    images of validation draw d (``val`` rows ``[d·n, (d+1)·n)``, n = len(val) // draws)."""
+    n = len(val) // draws
+    index = torch.cat([torch.arange(d * n, d * n + min(per_draw, n)) for d in range(draws)])
+    loaders = {}
+    for name, shift in SHIFTS.items():
+        generator = torch.Generator().manual_seed(sum(map(ord, name)))
+        images = shift(val.images[index], generator)
+        split = ImageSplit(images, val.targets[index], val.num_levels, torch.full((len(index),), -1))
+        loaders[SHIFT_PREFIX + name] = DataLoader(split, batch_size=batch_size)
+    return loaders
 
 
 def fitted_metric(name: str, model: nn.Module, train: Any, args: argparse.Namespace) -> tuple[Metric, float]:
@@ -48,12 +123,50 @@ def fitted_metric(name: str, model: nn.Module, train: Any, args: argparse.Namesp
     return metric, time.perf_counter() - start
 
 
+def draw(norms: LayerNorms, d: int, draws: int) -> LayerNorms:
+    """Rows of draw ``d`` of ``draws`` equal, disjoint, consecutive parts."""
+    n = len(norms) // draws
+    return norms[torch.arange(d * n, (d + 1) * n)]
+
+
+def evaluate_draws(norms: dict[str, LayerNorms], draws: int) -> list[dict]:
+    """Per draw: AUROCs of every detector on every OOD set and, when shift sets were scored, on every
+    shift against held-out validation rows (the next draw's), fitted on the draw's validation rows."""
+    detectors = [d for d in DETECTORS if d not in BASELINE_METHODS]
+    shifts = {s: n for s, n in norms.items() if s.startswith(SHIFT_PREFIX)}
+    ood = {s: n for s, n in norms.items() if s not in ("fit", "test") and s not in shifts}
+    out = []
+    for d in range(draws):
+        fit = draw(norms["fit"], d, draws)
+        result = fit_and_score(
+            fit,
+            draw(norms["test"], d, draws),
+            {o: draw(n, d, draws) for o, n in ood.items()},
+            [*detectors, *BASELINE_METHODS],
+        )
+        entry: dict[str, Any] = {"aurocs": aurocs_of(result.measures)}
+        if shifts:
+            other = (d + 1) % draws
+            held_out = draw(norms["fit"], other, draws)
+            shifted = {s[len(SHIFT_PREFIX) :]: draw(n, other, draws) for s, n in shifts.items()}
+            selection = fit_and_score(fit, held_out, shifted, [*detectors, *BASELINE_METHODS])
+            entry["selection"] = aurocs_of(selection.measures)
+        out.append(entry)
+    return out
+
+
+def aurocs_of(measures: dict) -> dict:
+    return {o: {d: m["auroc"] for d, m in by.items()} for o, by in measures.items()}
+
+
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
-    """``{metric: {k: {"aurocs": {ood: {detector: auroc}}, "seconds": {...}}}}`` for one run."""
+    """``{metric: {k: {"draws": [{"aurocs": ..., "selection": ...}], "seconds": ..., "samples": ...}}}``."""
     run = load_run(run_dir, args.overrides)
     dm = run.datamodule
     sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
-    detectors = [d for d in DETECTORS if d not in BASELINE_METHODS]
+    cap = args.draws * args.max_samples
+    if args.shifts:
+        sets.update(shift_loaders(dm.val_set, args.max_samples // 2, args.draws, dm.eval_batch_size))
     out: dict = {}
     for name in args.metrics:
         metric: Metric | None = None  # fitted only when some group size's features are not cached
@@ -61,26 +174,26 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         out[name] = {}
         for k in args.groups:
             prefix = f"{args.tag}_" if args.tag else ""
-            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}.pt"
+            shifts = "_shifts" if args.shifts else ""
+            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}_n{cap}{shifts}.pt"
             if cache.exists():  # features of an earlier pass: only the detectors run again
                 norms, score_seconds, fit_seconds = torch.load(cache, weights_only=False)
                 norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
             else:
                 if metric is None:
                     metric, fit_seconds = fitted_metric(name, run.model, dm.train_dataloader(), args)
-                scoring = ScoringOptions(group_size=k, metric=metric, max_samples=args.max_samples)
                 start = time.perf_counter()
-                norms = {s: layer_norms_over(run.model, data, scoring, name=s) for s, data in sets.items()}
+                norms = {
+                    s: layer_norms_over(run.model, data, options(metric, k, s, cap, args), name=s)
+                    for s, data in sets.items()
+                }
                 score_seconds = time.perf_counter() - start
                 cache.parent.mkdir(exist_ok=True)
                 torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds, fit_seconds), cache)
-            fit, test = norms.pop("fit"), norms.pop("test")
-            result = fit_and_score(fit, test, norms, [*detectors, *BASELINE_METHODS])
-            aurocs = {o: {d: m["auroc"] for d, m in by.items()} for o, by in result.measures.items()}
             out[name][k] = {
-                "aurocs": aurocs,
+                "draws": evaluate_draws(norms, args.draws),
                 "seconds": {"fit_metric": fit_seconds, "score": score_seconds},
-                "samples": {s: len(n) for s, n in {"fit": fit, "test": test, **norms}.items()},
+                "samples": {s: len(n) // args.draws for s, n in norms.items()},
             }
             print(
                 f"{run_dir} {name} k={k}: metric fit {fit_seconds:.1f} s, scoring {score_seconds:.1f} s",
@@ -89,82 +202,108 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def options(metric: Metric, k: int, name: str, cap: int, args: argparse.Namespace) -> ScoringOptions:
+    """Scoring of set ``name``: shift sets hold half a draw per draw, every other set ``cap`` samples."""
+    limit = args.draws * (args.max_samples // 2) if name.startswith(SHIFT_PREFIX) else cap
+    return ScoringOptions(group_size=k, metric=metric, max_samples=limit)
+
+
+def mean_sd(values: Iterable[float]) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cell(values: Iterable[float]) -> str:
+    mean, sd = mean_sd(values)
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def model_of(run: str) -> str:
+    """The model a run belongs to: ``runs/grid/vae_mnist/seed_1`` -> ``vae_mnist``."""
+    path = Path(run.split(" ")[0])
+    return path.parent.name if path.name.startswith("seed_") else path.name
+
+
+def by_model(results: dict) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for run, by_metric in results.items():
+        grouped.setdefault(model_of(run), []).append(by_metric)
+    return grouped
+
+
+def entries(runs: list[dict], metric: str, k: int, key: str = "aurocs") -> list[dict]:
+    """Every draw of every run (seed) of one model: ``[{set: {detector: auroc}}]``."""
+    return [e[key] for r in runs if metric in r and k in r[metric] for e in r[metric][k]["draws"] if key in e]
+
+
 def tables(results: dict) -> str:
-    """One markdown table per run and group size: rows metric × detector, columns OOD sets."""
+    """Per model and group size: rows metric × detector, columns OOD sets, mean ± sd over seeds × draws."""
     lines = []
-    for run, by_metric in results.items():
-        groups = sorted({k for by_k in by_metric.values() for k in by_k})
-        for k in groups:
-            first = next(by_k[k] for by_k in by_metric.values() if k in by_k)
-            ood_sets = list(first["aurocs"])
+    for model, runs in by_model(results).items():
+        metrics = list(runs[0])
+        for k in sorted({k for r in runs for m in r.values() for k in m}):
+            first = entries(runs, metrics[0], k)
+            if not first:
+                continue
+            ood_sets = list(first[0])
             lines += [
-                f"\n### {run}, k = {k}\n",
-                "| metric | detector | " + " | ".join(ood_sets) + " |",
-                "|---|---|" + "---|" * len(ood_sets),
+                f"\n### {model}, k = {k} ({len(runs)} seeds × {len(first) // len(runs)} draws)\n",
+                "| metric | detector | mean | " + " | ".join(ood_sets) + " |",
+                "|---|---|---|" + "---|" * len(ood_sets),
             ]
-            for metric, by_k in by_metric.items():
-                entry = by_k[k]
-                for detector in next(iter(entry["aurocs"].values())):
-                    if detector in BASELINE_METHODS and metric != next(iter(by_metric)):
+            for metric in metrics:
+                draws = entries(runs, metric, k)
+                for detector in draws[0][ood_sets[0]]:
+                    if detector in BASELINE_METHODS and metric != metrics[0]:
                         continue  # the baselines do not depend on the metric: once per table
-                    row = [f"{entry['aurocs'][o][detector]:.3f}" for o in ood_sets]
+                    row = [cell(e[o][detector] for e in draws) for o in ood_sets]
+                    mean = cell(statistics.fmean(e[o][detector] for o in ood_sets) for e in draws)
                     label = "–" if detector in BASELINE_METHODS else metric
-                    lines.append(f"| {label} | {detector} | " + " | ".join(row) + " |")
-            lines += ["", "| metric | fit metric (s) | score all sets (s) |", "|---|---|---|"]
-            for metric, by_k in by_metric.items():
-                seconds = by_k[k]["seconds"]
-                lines.append(f"| {metric} | {seconds['fit_metric']:.1f} | {seconds['score']:.1f} |")
+                    lines.append(f"| {label} | {detector} | {mean} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def summary(results: dict) -> str:
-    """Per run and group size: the best FIM method (metric × detector) on each OOD set against typicality."""
-    lines = [
-        "| run | k | OOD set | best FIM method | AUROC | typicality | likelihood |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for run, by_metric in results.items():
-        groups = sorted({k for by_k in by_metric.values() for k in by_k})
-        for k in groups:
-            entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
-            first = next(iter(entries.values()))
-            for ood in first:
-                candidates = [
-                    (aurocs[ood][d], f"{m} + {d}")
-                    for m, aurocs in entries.items()
-                    for d in aurocs[ood]
-                    if d not in BASELINE_METHODS
-                ]
-                best, label = max(candidates)
-                base = first[ood]
-                lines.append(
-                    f"| {run} | {k} | {ood} | {label} | {best:.3f} | {base['typicality']:.3f} | "
-                    f"{base['likelihood']:.3f} |"
-                )
-    return "\n".join(lines)
+def selection(results: dict, tolerance: float) -> tuple[str, tuple[str, str] | None]:
+    """The ranking of metric × detector pairs by the mean AUROC over the in-distribution shifts (no OOD
+    data), averaged per model first so that each model counts once; and the chosen pair: the best,
+    or among those within ``tolerance`` of it the first in registration order of metrics then detectors
+    (the simpler one)."""
+    per_model: dict[tuple[str, str], list[float]] = {}
+    for runs in by_model(results).values():
+        for metric in runs[0]:
+            draws = entries(runs, metric, 1, "selection")
+            if not draws:
+                continue
+            for detector in draws[0][next(iter(draws[0]))]:
+                if detector in BASELINE_METHODS:
+                    continue
+                value = statistics.fmean(e[s][detector] for e in draws for s in e)
+                per_model.setdefault((metric, detector), []).append(value)
+    if not per_model:
+        return "(no selection data: run with --shifts)", None
+    counts = {len(v) for v in per_model.values()}
+    scored = {pair: statistics.fmean(v) for pair, v in per_model.items() if len(v) == max(counts)}
+    best = max(scored.values())
+    order = [(m, d) for m in METRICS for d in DETECTORS]
+    chosen = min((p for p, v in scored.items() if v >= best - tolerance), key=order.index)
+    lines = ["| metric | detector | mean AUROC over the ID shifts |", "|---|---|---|"]
+    for pair, value in sorted(scored.items(), key=lambda item: -item[1]):
+        mark = " **(chosen)**" if pair == chosen else ""
+        lines.append(f"| {pair[0]} | {pair[1]}{mark} | {value:.3f} |")
+    return "\n".join(lines), chosen
 
 
-def compare(results: dict) -> str:
-    """Per run and group size, the mean AUROC over its OOD sets of every metric × detector pair: a
-    comparison of the approximations at a fixed detector, with no choice made on the OOD sets."""
-    lines = []
-    for run, by_metric in results.items():
-        for k in sorted({k for by_k in by_metric.values() for k in by_k}):
-            entries = {m: by_k[k]["aurocs"] for m, by_k in by_metric.items() if k in by_k}
-            detectors = [
-                d for d in next(iter(next(iter(entries.values())).values())) if d not in BASELINE_METHODS
-            ]
-            lines += [
-                f"\n### {run}, k = {k}: mean AUROC over the OOD sets\n",
-                "| metric | " + " | ".join(detectors) + " |",
-                "|---|" + "---|" * len(detectors),
-            ]
-            for metric, aurocs in entries.items():
-                means = [sum(a[d] for a in aurocs.values()) / len(aurocs) for d in detectors]
-                lines.append(f"| {metric} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-            first = next(iter(entries.values()))
-            base = {b: sum(a[b] for a in first.values()) / len(first) for b in BASELINE_METHODS}
-            lines.append("baselines: " + ", ".join(f"{b} {v:.3f}" for b, v in base.items()))
+def grid(results: dict, methods: list[tuple[str, str]], k: int) -> str:
+    """One row per model and OOD set: AUROC mean ± sd over seeds × draws of each (metric, detector)."""
+    header = " | ".join(f"{d} ({m})" if d not in BASELINE_METHODS else d for m, d in methods)
+    lines = [f"| model | OOD set | {header} |", "|---|---|" + "---|" * len(methods)]
+    for model, runs in by_model(results).items():
+        draws = {m: entries(runs, m, k) for m in {m for m, _ in methods}}
+        if not all(draws.values()):
+            continue
+        for ood in next(iter(draws.values()))[0]:
+            row = [cell(e[ood][d] for e in draws[m]) for m, d in methods]
+            lines.append(f"| {model} ({len(runs)} seeds) | {ood} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -174,34 +313,48 @@ def load(path: Path) -> dict:
     return {run: {m: {int(k): v for k, v in by_k.items()} for m, by_k in r.items()} for run, r in raw.items()}
 
 
+def report(results: dict, args: argparse.Namespace) -> str:
+    ranking, chosen = selection(results, args.tolerance)
+    text = tables(results) + "\n\n### Selection (in-distribution shifts only)\n\n" + ranking
+    methods = [("identity", "fim_gaussian")] + ([chosen] if chosen else []) + [("identity", "typicality")]
+    for k in args.groups:
+        text += f"\n\n### Grid, k = {k}\n\n" + grid(results, methods, k)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", type=Path, help="run directories (config.yaml + checkpoints/)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="each run directory holds seed_<S>/ runs")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     parser.add_argument("--groups", nargs="+", type=int, default=[1, 5])
+    parser.add_argument("--draws", type=int, default=1, help="disjoint draws of fit, test and OOD samples")
+    parser.add_argument("--shifts", action="store_true", help="score the in-distribution shifts too")
+    parser.add_argument("--tolerance", type=float, default=0.005, help="selection: ties within this")
     parser.add_argument("--fisher", choices=["empirical", "true"], default="empirical")
     parser.add_argument("--fisher-samples", type=int, default=1000)
-    parser.add_argument("--max-samples", type=int, default=1000, help="per set")
+    parser.add_argument("--max-samples", type=int, default=1000, help="per set and draw")
     parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
     parser.add_argument("--tag", default="", help="names results and cached features scored with overrides")
     parser.add_argument("--collect", nargs="+", type=Path, help="only print the tables of these JSON files")
     args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
     args.overrides = [a for a in unknown if a != "--"]
+    if args.shifts and args.draws < 2:
+        parser.error("--shifts needs --draws 2 or more (held-out validation rows come from another draw)")
     if args.collect:
         results: dict = {}
         for path in args.collect:  # files may hold other metrics of the same run: merge per metric
             for run, by_metric in load(path).items():
                 results.setdefault(run, {}).update(by_metric)
-        print(tables(results) + "\n\n" + summary(results) + "\n" + compare(results))
+        print(report(results, args))
         return
-    results = {}
-    if args.out.exists():
-        results = load(args.out)  # runs scored earlier keep their entries
-    for run_dir in args.runs:
+    results = load(args.out) if args.out.exists() else {}  # runs scored earlier keep their entries
+    runs = [r / f"seed_{s}" for r in args.runs for s in args.seeds] if args.seeds else args.runs
+    for run_dir in runs:
         results[f"{run_dir}{' ' + args.tag if args.tag else ''}"] = evaluate_run(run_dir, args)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-    print(tables(results) + "\n\n" + summary(results) + "\n" + compare(results))
+    print(report(results, args))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Train every model of the zoo on its CPU config and tabulate bits/dim, time and OOD AUROCs.
+"""Train every model of the zoo on its CPU config, over seeds, and tabulate bits/dim, time and OOD AUROCs.
 
-    OMP_NUM_THREADS=1 python benchmarks/zoo.py --jobs 2 --out runs/zoo -- --data.root ../shared/data
+    OMP_NUM_THREADS=1 python benchmarks/zoo.py --seeds 0 1 2 --jobs 2 --out runs/zoo -- --data.root PATH
 
-Each config runs as ``train.py fit`` in its own subprocess (``--jobs`` at a time, one thread each),
-into ``OUT/<name>/version_0``; afterwards the script reads each run's ``ood_metrics.json`` and
-``metrics.csv`` and prints one markdown table of AUROCs (rows: model × method, columns: OOD sets)
-and one of bits/dim and wall time. ``--collect`` only re-reads finished runs.
+Each config × seed runs as ``train.py fit --seed_everything SEED`` in its own subprocess (``--jobs`` at
+a time, one thread each), into ``OUT/<name>/seed_<SEED>``; the data splits do not depend on the seed.
+Afterwards the script reads each run's ``ood_metrics.json`` (the callback's end-of-training
+evaluation) and ``metrics.csv`` and prints a markdown table of AUROCs as mean ± sd over the seeds
+(rows: model × method, columns: OOD sets) and one of bits/dim and wall time. ``--collect`` only
+re-reads finished runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -32,19 +35,22 @@ def config_path(name: str) -> Path:
     return exact if exact.exists() else ROOT / "configs" / f"{name}_fashionmnist.yaml"
 
 
-def run_dir(out: Path, name: str) -> Path:
-    return out / name / "version_0"
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    return out / name / f"seed_{seed}"
 
 
-def train(name: str, out: Path, extra: list[str]) -> float:
-    """Run one config to completion; returns its wall time in seconds (also written to ``wall_s.txt``)."""
-    shutil.rmtree(out / name, ignore_errors=True)
+def train(name: str, seed: int, out: Path, extra: list[str]) -> float:
+    """Run one config and seed to completion; returns its wall time in seconds (also in ``wall_s.txt``)."""
+    directory = run_dir(out, name, seed)
+    shutil.rmtree(directory, ignore_errors=True)
     command = [
         sys.executable,
         str(ROOT / "train.py"),
         "fit",
         "--config",
         str(config_path(name)),
+        "--seed_everything",
+        str(seed),
         "--trainer.enable_progress_bar",
         "false",
         "--trainer.logger.init_args.save_dir",
@@ -52,19 +58,19 @@ def train(name: str, out: Path, extra: list[str]) -> float:
         "--trainer.logger.init_args.name",
         name,
         "--trainer.logger.init_args.version",
-        "0",
+        directory.name,
         "--trainer.default_root_dir",
-        str(out / name),
+        str(directory),
         *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    (out / name).mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(out / name / "train.log", "w") as log:
+    with open(out / name / f"train_seed_{seed}.log", "w") as log:
         subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
-    (run_dir(out, name) / "wall_s.txt").write_text(f"{seconds:.1f}\n")
-    print(f"{name}: {seconds / 60:.1f} min", flush=True)
+    (directory / "wall_s.txt").write_text(f"{seconds:.1f}\n")
+    print(f"{name} seed {seed}: {seconds / 60:.1f} min", flush=True)
     return seconds
 
 
@@ -78,37 +84,55 @@ def last_value(metrics_csv: Path, column: str) -> float | None:
     return value
 
 
-def tables(out: Path, names: list[str]) -> str:
-    """Markdown tables of every finished run under ``out``."""
-    results = {}
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` over seeds (sd 0 for one seed)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+
+
+def tables(out: Path, names: list[str], seeds: list[int]) -> str:
+    """Markdown tables of every finished run under ``out``: mean ± sd over the seeds that finished."""
+    results: dict[str, list[Path]] = {}
     for name in names:
-        directory = run_dir(out, name)
-        if (directory / "ood_metrics.json").exists():
-            results[name] = directory
+        done = [run_dir(out, name, s) for s in seeds if (run_dir(out, name, s) / "ood_metrics.json").exists()]
+        if done:
+            results[name] = done
     if not results:
         return "(no finished runs)"
-    ood_sets = list(json.loads((next(iter(results.values())) / "ood_metrics.json").read_text()))
-    lines = ["| model | method | " + " | ".join(ood_sets) + " |", "|---|---|" + "---|" * len(ood_sets)]
-    for name, directory in results.items():
-        metrics = json.loads((directory / "ood_metrics.json").read_text())
-        for method in next(iter(metrics.values())):
-            aurocs = [f"{metrics[o][method]['auroc']:.3f}" if o in metrics else "–" for o in ood_sets]
-            lines.append(f"| {name} | {method} | " + " | ".join(aurocs) + " |")
-    lines += ["", "| model | parameters | val bits/dim (nats/token) | wall time |", "|---|---|---|---|"]
-    for name, directory in results.items():
-        bpd = last_value(directory / "metrics.csv", "val/bpd")
-        if bpd is None:
-            bpd = last_value(directory / "metrics.csv", "val/nats_per_token")
-        wall = directory / "wall_s.txt"
-        minutes = f"{float(wall.read_text()) / 60:.1f} min" if wall.exists() else "–"
-        bits = f"{bpd:.3f}" if bpd is not None else "–"
-        lines.append(f"| {name} | {parameter_count(directory)} | {bits} | {minutes} |")
+    ood_sets = list(json.loads((next(iter(results.values()))[0] / "ood_metrics.json").read_text()))
+    lines = [
+        "| model | seeds | method | " + " | ".join(ood_sets) + " |",
+        "|---|---|---|" + "---|" * len(ood_sets),
+    ]
+    for name, directories in results.items():
+        metrics = [json.loads((d / "ood_metrics.json").read_text()) for d in directories]
+        for method in next(iter(metrics[0].values())):
+            aurocs = [
+                mean_sd([m[o][method]["auroc"] for m in metrics]) if o in metrics[0] else "–"
+                for o in ood_sets
+            ]
+            lines.append(f"| {name} | {len(directories)} | {method} | " + " | ".join(aurocs) + " |")
+    lines += ["", "| model | parameters | val bits/dim (nats/token) | wall time (min) |", "|---|---|---|---|"]
+    for name, directories in results.items():
+        bpd = [final_bpd(d) for d in directories]
+        walls = [
+            float((d / "wall_s.txt").read_text()) / 60 for d in directories if (d / "wall_s.txt").exists()
+        ]
+        bits = mean_sd([b for b in bpd if b is not None]) if any(b is not None for b in bpd) else "–"
+        minutes = mean_sd(walls) if walls else "–"
+        lines.append(f"| {name} | {parameter_count(directories[0])} | {bits} | {minutes} |")
     return "\n".join(lines)
+
+
+def final_bpd(directory: Path) -> float | None:
+    """The run's last validation bits/dim (nats/token for sequence models)."""
+    bpd = last_value(directory / "metrics.csv", "val/bpd")
+    return bpd if bpd is not None else last_value(directory / "metrics.csv", "val/nats_per_token")
 
 
 def parameter_count(directory: Path) -> str:
     """Trainable parameters as Lightning's model summary printed them in the run's ``train.log``."""
-    log = directory.parent / "train.log"
+    log = directory.parent / f"train_{directory.name}.log"
     found = re.search(r"([\d.]+ ?[KMB]?)\s+Trainable params", log.read_text()) if log.exists() else None
     return found.group(1).strip() if found else "–"
 
@@ -118,15 +142,17 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=CONFIGS, help="configs/<name>.yaml or configs/<name>_fashionmnist.yaml"
     )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="training seeds (seed_everything)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one CPU thread each)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "zoo")
     parser.add_argument("--collect", action="store_true", help="only tabulate finished runs")
     parser.add_argument("extra", nargs="*", help="more train.py arguments, after --")
     args = parser.parse_args()
     if not args.collect:
+        runs = [(name, seed) for seed in args.seeds for name in args.models]
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda name: train(name, args.out, args.extra), args.models))
-    print(tables(args.out, args.models))
+            list(pool.map(lambda run: train(*run, args.out, args.extra), runs))
+    print(tables(args.out, args.models, args.seeds))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ Names (case-insensitive; ``-``, ``_`` and spaces ignored, so ``fashion_mnist`` w
 - ``mnist``, ``fashionmnist``, ``kmnist``: torchvision, ``ROOT/<MNIST|FashionMNIST|KMNIST>/raw/``.
 - ``cifar10``: ``ROOT/cifar10.npz`` when present (it holds only the first 10,000 training images),
   else torchvision's ``ROOT/cifar-10-batches-py/``.
+- ``tinyimagenet32``: ``ROOT/tinyimagenet32.npz``, Tiny ImageNet's 10,000 validation photos downscaled to
+  3x32x32 (arrays ``x_test``, ``y_test``). It has one split only, so a fixed permutation (seed 0,
+  independent of any ``split_seed``) puts 20% (2,000 images) in ``test`` and the rest in ``train``.
 - ``svhn``: torchvision, ``ROOT/train_32x32.mat`` and ``ROOT/test_32x32.mat`` (needs scipy).
 - ``npz:<path>``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``; images uint8 NHWC or NHW.
   A relative path that does not exist is also looked up under ``ROOT``.
@@ -47,6 +50,7 @@ _INFO: dict[str, DatasetInfo] = {
     "kmnist": DatasetInfo((1, 28, 28), 256),
     "cifar10": DatasetInfo((3, 32, 32), 256),
     "svhn": DatasetInfo((3, 32, 32), 256),
+    "tinyimagenet32": DatasetInfo((3, 32, 32), 256),
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_INFO)
 
@@ -56,10 +60,12 @@ _LAYOUT = {
     "kmnist": "{root}/KMNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
     "cifar10": "{root}/cifar10.npz (x_train, y_train, x_test, y_test) or {root}/cifar-10-batches-py/",
     "svhn": "{root}/train_32x32.mat and {root}/test_32x32.mat",
+    "tinyimagenet32": "{root}/tinyimagenet32.npz (x_test uint8 NHWC 32x32x3, y_test)",
 }
 
-_DIGITS_TEST_FRACTION = 0.2
-_DIGITS_SPLIT_SEED = 0
+# Datasets shipped as one split get a fixed train/test split, the same whatever a run's split_seed.
+_FIXED_TEST_FRACTION = 0.2
+_FIXED_SPLIT_SEED = 0
 
 
 def canonical_name(name: str) -> str:
@@ -144,16 +150,29 @@ def _missing(name: str, root: Path, cause: Exception) -> FileNotFoundError:
     )
 
 
+def _fixed_split(images: Tensor, targets: Tensor, split: str) -> tuple[Tensor, Tensor]:
+    """The ``split`` part of a dataset that ships as one split: 20% test by a permutation fixed once."""
+    n = len(targets)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_FIXED_SPLIT_SEED))
+    n_test = round(_FIXED_TEST_FRACTION * n)
+    idx = (perm[:n_test] if split == "test" else perm[n_test:]).sort().values
+    return images[idx].contiguous(), targets[idx]
+
+
 def _load_digits(split: str) -> tuple[Tensor, Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    n = len(digits.target)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
-    n_test = round(_DIGITS_TEST_FRACTION * n)
-    idx = (perm[:n_test] if split == "test" else perm[n_test:]).sort().values
-    images = torch.from_numpy(digits.images.astype(np.uint8))[idx, None]
-    return images, torch.from_numpy(digits.target.astype(np.int64))[idx]
+    images = torch.from_numpy(digits.images.astype(np.uint8))[:, None]
+    return _fixed_split(images, torch.from_numpy(digits.target.astype(np.int64)), split)
+
+
+def _load_tinyimagenet32(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    path = root / "tinyimagenet32.npz"
+    if not path.is_file():
+        raise _missing("tinyimagenet32", root, FileNotFoundError(f"no file {path}"))
+    images, targets = _load_arrays(path, "test", str(path))
+    return _fixed_split(images, targets, split)
 
 
 def _load_arrays(path: Path, split: str, source: str) -> tuple[Tensor, Tensor]:
@@ -215,6 +234,8 @@ def load_image_dataset(
         images, targets = _load_arrays(_npz_path(canonical, root), split, canonical)
     elif canonical == "cifar10" and (path_root / "cifar10.npz").is_file():
         images, targets = _load_arrays(path_root / "cifar10.npz", split, "cifar10.npz")
+    elif canonical == "tinyimagenet32":
+        images, targets = _load_tinyimagenet32(path_root, split)
     else:
         images, targets = _load_torchvision(canonical, path_root, split, download)
     return images, targets, dataset_info(canonical, root).num_levels
@@ -224,8 +245,8 @@ def download_dataset(name: str, root: PathLike | None) -> None:
     """Download both splits of a torchvision dataset into ``root``; nothing for local or embedded ones."""
     canonical = canonical_name(name)
     path_root = resolve_root(root)
-    if canonical == "digits" or canonical.startswith(NPZ_PREFIX):
-        return
+    if canonical in ("digits", "tinyimagenet32") or canonical.startswith(NPZ_PREFIX):
+        return  # tinyimagenet32 has no download source: it is built offline (see its layout)
     if canonical == "cifar10" and (path_root / "cifar10.npz").is_file():
         return
     for split in SPLITS:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from fimcb.core.registry import register
 from fimcb.detectors.base import Detector, NotFittedError
 from fimcb.detectors.baselines import Likelihood, TotalNorm, Typicality
-from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood
+from fimcb.detectors.covariance import (
+    FactorGaussian,
+    FactorGaussianWithLikelihood,
+    FullGaussian,
+    FullGaussianWithLikelihood,
+)
 from fimcb.detectors.gaussian import FIMGaussian
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod
 
@@ -24,6 +29,8 @@ for _detector in (
     FIMGaussian,
     FullGaussian,
     FullGaussianWithLikelihood,
+    FactorGaussian,
+    FactorGaussianWithLikelihood,
     ChiSquare,
     FisherMethod,
     TotalNorm,
@@ -52,6 +59,8 @@ __all__ = [
     "ChiSquare",
     "Detector",
     "FIMGaussian",
+    "FactorGaussian",
+    "FactorGaussianWithLikelihood",
     "FisherMethod",
     "FullGaussian",
     "FullGaussianWithLikelihood",

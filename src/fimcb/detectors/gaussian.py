@@ -37,10 +37,14 @@ class FIMGaussian(Detector):
             )
         return {"mean": mean.cpu(), "std": std.cpu(), "keep": keep.cpu()}
 
+    def standardised(self, norms: LayerNorms, state: dict[str, Any]) -> Tensor:
+        """``[N, kept]`` z-scores of the kept features under the fitted (or being fitted) ``state``."""
+        keep = state["keep"]
+        return (self.features(norms).cpu()[:, keep] - state["mean"][keep]) / state["std"][keep]
+
     def _score(self, norms: LayerNorms) -> Tensor:
-        keep = self.state["keep"]
-        mean, std = self.state["mean"][keep], self.state["std"][keep]
-        z = (self.features(norms).cpu()[:, keep] - mean) / std
+        z = self.standardised(norms, self.state)
+        std = self.state["std"][self.state["keep"]]
         return (0.5 * z.pow(2) + std.log() + 0.5 * math.log(2 * math.pi)).sum(dim=1)
 
     @property
