@@ -63,8 +63,8 @@ def _pixelate(images: Tensor, generator: torch.Generator) -> Tensor:
 
 def _blend(images: Tensor, generator: torch.Generator) -> Tensor:
     """The pixel-wise mean of two different in-distribution images."""
-    partner = torch.roll(torch.arange(len(images)), 1)[torch.randperm(len(images), generator=generator)]
     order = torch.randperm(len(images), generator=generator)
+    partner = order.roll(1)  # the next image in a random cycle: never the image itself
     return ((images[order].double() + images[partner].double()) / 2).round().to(torch.uint8)
 
 
@@ -165,8 +165,11 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     dm = run.datamodule
     sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
     cap = args.draws * args.max_samples
-    if args.shifts:
-        sets.update(shift_loaders(dm.val_set, args.max_samples // 2, args.draws, dm.eval_batch_size))
+    shifts = (
+        shift_loaders(dm.val_set, args.max_samples // 2, args.draws, dm.eval_batch_size)
+        if args.shifts
+        else {}
+    )
     out: dict = {}
     for name in args.metrics:
         metric: Metric | None = None  # fitted only when some group size's features are not cached
@@ -174,8 +177,9 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         out[name] = {}
         for k in args.groups:
             prefix = f"{args.tag}_" if args.tag else ""
-            shifts = "_shifts" if args.shifts else ""
-            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}_n{cap}{shifts}.pt"
+            scored = {**sets, **(shifts if k == 1 else {})}  # the selection is made at k = 1
+            suffix = "_shifts" if len(scored) > len(sets) else ""
+            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}_n{cap}{suffix}.pt"
             if cache.exists():  # features of an earlier pass: only the detectors run again
                 norms, score_seconds, fit_seconds = torch.load(cache, weights_only=False)
                 norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
@@ -185,7 +189,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
                 start = time.perf_counter()
                 norms = {
                     s: layer_norms_over(run.model, data, options(metric, k, s, cap, args), name=s)
-                    for s, data in sets.items()
+                    for s, data in scored.items()
                 }
                 score_seconds = time.perf_counter() - start
                 cache.parent.mkdir(exist_ok=True)
@@ -264,32 +268,50 @@ def tables(results: dict) -> str:
 
 
 def selection(results: dict, tolerance: float) -> tuple[str, tuple[str, str] | None]:
-    """The ranking of metric × detector pairs by the mean AUROC over the in-distribution shifts (no OOD
-    data), averaged per model first so that each model counts once; and the chosen pair: the best,
-    or among those within ``tolerance`` of it the first in registration order of metrics then detectors
-    (the simpler one)."""
-    per_model: dict[tuple[str, str], list[float]] = {}
-    for runs in by_model(results).values():
+    """The protocol's choice of the default (metric, detector), from the in-distribution shifts only.
+
+    Each pair's criterion is its AUROC averaged over shifts, draws and seeds of a model, then over
+    models. Detectors are ranked on the metric scored for every model (``identity``); the best, or
+    among those within ``tolerance`` of it the first registered, is chosen. A fitted metric replaces
+    ``identity`` for that detector only if it beats it by more than ``tolerance`` on the models where
+    it was scored."""
+    per_model: dict[tuple[str, str], dict[str, float]] = {}
+    for model, runs in by_model(results).items():
         for metric in runs[0]:
             draws = entries(runs, metric, 1, "selection")
-            if not draws:
-                continue
-            for detector in draws[0][next(iter(draws[0]))]:
-                if detector in BASELINE_METHODS:
-                    continue
-                value = statistics.fmean(e[s][detector] for e in draws for s in e)
-                per_model.setdefault((metric, detector), []).append(value)
-    if not per_model:
-        return "(no selection data: run with --shifts)", None
-    counts = {len(v) for v in per_model.values()}
-    scored = {pair: statistics.fmean(v) for pair, v in per_model.items() if len(v) == max(counts)}
-    best = max(scored.values())
-    order = [(m, d) for m in METRICS for d in DETECTORS]
-    chosen = min((p for p, v in scored.items() if v >= best - tolerance), key=order.index)
-    lines = ["| metric | detector | mean AUROC over the ID shifts |", "|---|---|---|"]
-    for pair, value in sorted(scored.items(), key=lambda item: -item[1]):
-        mark = " **(chosen)**" if pair == chosen else ""
-        lines.append(f"| {pair[0]} | {pair[1]}{mark} | {value:.3f} |")
+            for detector in draws[0][next(iter(draws[0]))] if draws else ():
+                if detector not in BASELINE_METHODS:
+                    value = statistics.fmean(e[s][detector] for e in draws for s in e)
+                    per_model.setdefault((metric, detector), {})[model] = value
+    models = {m for values in per_model.values() for m in values}
+    base = {
+        p: statistics.fmean(v.values())
+        for p, v in per_model.items()
+        if p[0] == "identity" and set(v) == models
+    }
+    if not base:
+        return "(no selection data: run with --shifts, identity metric)", None
+    best = max(base.values())
+    chosen = min(
+        (p for p, v in base.items() if v >= best - tolerance), key=lambda pair: list(DETECTORS).index(pair[1])
+    )
+    lines = [f"| metric | detector | mean AUROC over the ID shifts ({len(models)} models) |", "|---|---|---|"]
+    for pair, value in sorted(base.items(), key=lambda item: -item[1]):
+        lines.append(f"| {pair[0]} | {pair[1]}{' **(chosen)**' if pair == chosen else ''} | {value:.3f} |")
+    detector, winners = chosen[1], {}
+    for (metric, name), values in per_model.items():
+        if metric == "identity" or name != detector:
+            continue
+        fitted = statistics.fmean(values.values())
+        plain = statistics.fmean(per_model[chosen][m] for m in values)
+        if fitted > plain + tolerance:
+            winners[metric] = fitted - plain
+        verdict = "replaces identity" if metric in winners else "does not replace identity"
+        lines.append(
+            f"\n{metric} + {name} on {', '.join(values)}: {fitted:.3f}, identity {plain:.3f}: {verdict}"
+        )
+    if winners:
+        chosen = (max(winners, key=winners.__getitem__), detector)
     return "\n".join(lines), chosen
 
 
@@ -343,9 +365,10 @@ def main() -> None:
         parser.error("--shifts needs --draws 2 or more (held-out validation rows come from another draw)")
     if args.collect:
         results: dict = {}
-        for path in args.collect:  # files may hold other metrics of the same run: merge per metric
+        for path in args.collect:  # files may hold other metrics or group sizes of a run: merge them
             for run, by_metric in load(path).items():
-                results.setdefault(run, {}).update(by_metric)
+                for metric, by_k in by_metric.items():
+                    results.setdefault(run, {}).setdefault(metric, {}).update(by_k)
         print(report(results, args))
         return
     results = load(args.out) if args.out.exists() else {}  # runs scored earlier keep their entries

@@ -133,7 +133,11 @@ def final_bpd(directory: Path) -> float | None:
 def parameter_count(directory: Path) -> str:
     """Trainable parameters as Lightning's model summary printed them in the run's ``train.log``."""
     log = directory.parent / f"train_{directory.name}.log"
-    found = re.search(r"([\d.]+ ?[KMB]?)\s+Trainable params", log.read_text()) if log.exists() else None
+    text = log.read_text() if log.exists() else ""
+    # Lightning's summary: "Trainable params: 185 K" (older releases: "185 K  Trainable params")
+    found = re.search(r"Trainable params:\s*([\d.]+ ?[KMB]?)", text) or re.search(
+        r"([\d.]+ ?[KMB]?)\s+Trainable params", text
+    )
     return found.group(1).strip() if found else "–"
 
 

@@ -12,6 +12,7 @@ from cli_runs import CONFIGS, run_config
 from lightning.pytorch import LightningDataModule
 
 from fimcb.cli import FIMCLI, main
+from fimcb.detectors import DEFAULT_DETECTOR, DEFAULT_METHODS
 from fimcb.models import LikelihoodModule
 
 TINY = [
@@ -54,7 +55,7 @@ def test_default_config_end_to_end(tmp_path: Path) -> None:
     run_dir = Path(cli.trainer.log_dir)
     metrics = _metrics(run_dir)
     assert list(metrics) == ["sample_patches", "vflip", "noise"]
-    assert set(metrics["noise"]) == {"fim_gaussian", "total_norm", "likelihood", "typicality"}
+    assert list(metrics["noise"]) == list(DEFAULT_METHODS)  # the config evaluates the library default
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["trainer"]["callbacks"][0]["class_path"] == "fimcb.FIMNormCallback"
     assert "fim/train_probe/log_norm_mean" in (run_dir / "metrics.csv").read_text()
@@ -92,6 +93,9 @@ def test_every_config_parses(config: str, capsys: pytest.CaptureFixture[str]) ->
     assert printed["model"]["class_path"].startswith("fimcb.models.")
     callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
     assert callbacks[-1] == "fimcb.FIMNormCallback"  # last: command-line callback options go to it
+    # every config evaluates the default detector beside the paper's
+    methods = printed["trainer"]["callbacks"][-1]["init_args"]["evaluation"]["methods"] or DEFAULT_METHODS
+    assert {DEFAULT_DETECTOR, "fim_gaussian"} <= set(methods)
 
 
 def _instantiate(config: Path, root: Path) -> FIMCLI:

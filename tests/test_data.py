@@ -381,3 +381,30 @@ def test_download_true_asks_torchvision_to_download(tmp_path: Path, monkeypatch:
     ImageDataModule("fashionmnist", root=str(tmp_path), download=True, ood=["mnist", "vflip"]).prepare_data()
     assert {(name, download) for name, _, download in calls} == {("fashionmnist", True), ("mnist", True)}
     assert {train for _, train, _ in calls} == {True, False}
+
+
+def test_tinyimagenet32_fixed_split_partitions_the_file(data_root: Path) -> None:
+    train, train_y, levels = load_image_dataset("tiny-imagenet32", data_root, "train")
+    test, test_y, _ = load_image_dataset("tinyimagenet32", data_root, "test")
+    assert levels == 256 and train.dtype == torch.uint8 and train.shape[1:] == (3, 32, 32)
+    assert (len(train), len(test)) == (8000, 2000)
+    with np.load(data_root / "tinyimagenet32.npz") as arrays:
+        rows = np.concatenate([arrays["x_test"].reshape(10000, -1), arrays["y_test"][:, None]], axis=1)
+    ours = torch.cat(
+        [
+            torch.cat([train, test]).permute(0, 2, 3, 1).reshape(10000, -1),
+            torch.cat([train_y, test_y])[:, None],
+        ],
+        1,
+    )
+    assert Counter(map(tuple, rows.astype(np.int64).tolist())) == Counter(map(tuple, ours.tolist()))
+    # the split does not follow a datamodule's split_seed, and CIFAR-10 pairs with it as an OOD set
+    dm = ImageDataModule("tinyimagenet32", root=str(data_root), val_size=500, ood=["cifar10"], split_seed=3)
+    dm.setup("test")
+    assert torch.equal(dm.test_set.images, test)
+    assert dm.ood_dataset("cifar10").images.shape == (2000, 3, 32, 32)
+
+
+def test_tinyimagenet32_missing_file_says_where_to_put_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"tinyimagenet32\.npz"):
+        load_image_dataset("tinyimagenet32", tmp_path, "train")

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 from sklearn.covariance import LedoitWolf, ShrunkCovariance
+from sklearn.decomposition import FactorAnalysis
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
@@ -29,10 +30,16 @@ from fimcb.detectors import (
     build_detector,
     register_detector,
 )
-from fimcb.detectors.covariance import FullGaussian, FullGaussianWithLikelihood, ledoit_wolf
+from fimcb.detectors.covariance import (
+    FactorGaussian,
+    FactorGaussianWithLikelihood,
+    FullGaussian,
+    FullGaussianWithLikelihood,
+    ledoit_wolf,
+)
 from fimcb.detectors.pvalues import ChiSquare, FisherMethod, gamma_log_cdf_sf
 
-NEW = (FullGaussian, ChiSquare, FisherMethod)
+NEW = (FullGaussian, FactorGaussian, ChiSquare, FisherMethod)
 
 
 def _norms(features: np.ndarray | torch.Tensor, names: tuple[str, ...] | None = None) -> LayerNorms:
@@ -287,7 +294,7 @@ def test_nonfinite_rows_are_left_out_and_scored_novel(cls: type[Detector]) -> No
 
 @pytest.mark.parametrize("cls", NEW)
 def test_names_and_errors(cls: type[Detector]) -> None:
-    assert cls.name in {"fim_gaussian_full", "chi_square", "fisher_method"}
+    assert cls.name in {"fim_gaussian_full", "fim_gaussian_factor", "chi_square", "fisher_method"}
     with pytest.raises(ValueError, match="constant"):
         cls().fit(_norms(np.ones((10, 3))))
     with pytest.raises(ValueError, match="layers differ"):
@@ -331,6 +338,65 @@ def test_full_gaussian_with_likelihood_uses_the_likelihood_as_one_more_feature()
         test.log_likelihood,
     )
     torch.testing.assert_close(joint.score(test), expected.score(probe))
+
+
+# --- FactorGaussian ----------------------------------------------------------------------------------
+
+
+def _factors(n: int, n_factors: int, p: int = 12, seed: int = 0, noise: float = 0.5) -> np.ndarray:
+    """Log features driven by ``n_factors`` shared factors plus independent noise."""
+    rng = np.random.default_rng(seed)
+    loadings = np.random.default_rng(100).normal(size=(n_factors, p))
+    return rng.normal(size=(n, n_factors)) @ loadings + noise * rng.normal(size=(n, p))
+
+
+@pytest.mark.parametrize("n_factors", [0, 1, 3])
+def test_factor_gaussian_finds_the_number_of_shared_factors(n_factors: int) -> None:
+    detector = FactorGaussian().fit(_norms(_factors(1500, n_factors)))
+    # cross-validation may keep one factor of noise more, never one factor less
+    assert n_factors <= detector.rank <= n_factors + (n_factors > 1)
+
+
+def test_factor_gaussian_equals_sklearn_factor_analysis() -> None:
+    x = _factors(400, 2, seed=1)
+    test = _factors(50, 2, seed=2, noise=1.5)
+    detector = FactorGaussian().fit(_norms(x))
+    assert detector.rank == 2
+    z = (x - x.mean(0)) / x.std(0, ddof=1)
+    covariance = FactorAnalysis(n_components=2, tol=1e-10, max_iter=5000).fit(z).get_covariance()
+    zt = (test - x.mean(0)) / x.std(0, ddof=1)
+    expected = np.einsum("ij,jk,ik->i", zt, np.linalg.inv(covariance), zt)
+    np.testing.assert_allclose(detector.score(_norms(test)).numpy(), expected, rtol=1e-4)
+
+
+def test_factor_gaussian_beats_independent_layers_when_the_shift_breaks_the_common_factor() -> None:
+    fit, test = _factors(1000, 1, seed=3), _factors(500, 1, seed=4)
+    rng = np.random.default_rng(5)
+    ood = _factors(500, 1, seed=6) * np.where(rng.random(12) < 0.5, -1, 1)  # half the layers flip sign
+    labels = [0] * len(test) + [1] * len(ood)
+
+    def auroc(detector: Detector) -> float:
+        detector.fit(_norms(fit))
+        return roc_auc_score(labels, torch.cat([detector.score(_norms(test)), detector.score(_norms(ood))]))
+
+    assert auroc(FactorGaussian()) > auroc(FIMGaussian()) + 0.2
+
+
+def test_factor_gaussian_with_likelihood_adds_the_likelihood_as_a_feature() -> None:
+    x = torch.as_tensor(_factors(600, 1, p=5, seed=7))
+    ll = x[:, 0] + 0.3 * torch.randn(600, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    joint = FactorGaussianWithLikelihood().fit(LayerNorms(x.exp(), tuple("abcde"), ll))
+    alone = FactorGaussian().fit(LayerNorms(torch.cat([x, ll[:, None]], 1).exp(), tuple("abcdef"), ll))
+    probe = LayerNorms(x[:7].exp(), tuple("abcde"), ll[:7] - 3)
+    probe_alone = LayerNorms(torch.cat([x[:7], ll[:7, None] - 3], 1).exp(), tuple("abcdef"), ll[:7] - 3)
+    torch.testing.assert_close(joint.score(probe), alone.score(probe_alone))
+    assert joint.rank == alone.rank
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_factor_gaussian_rejects_bad_max_rank(value: Any) -> None:
+    with pytest.raises(ValueError, match="max_rank"):
+        FactorGaussian(max_rank=value)
 
 
 def test_a_registered_detector_is_usable_by_name() -> None:

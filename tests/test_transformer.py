@@ -19,10 +19,11 @@ from torch import Tensor
 
 from fimcb import FIMNormCallback, load_history, per_sample_layer_norms
 from fimcb.data.sequences import CharTextDataModule, ModularArithmeticDataModule
+from fimcb.detectors import DEFAULT_METHODS
 from fimcb.lightning.options import Evaluation, Tracking
 from fimcb.models.transformer import Transformer
 
-METHODS = {"fim_gaussian", "total_norm", "likelihood", "typicality"}
+METHODS = set(DEFAULT_METHODS)
 
 
 def tiny(vocab_size: int = 3, seq_len: int = 4, prompt_len: int = 0, **overrides: object) -> Transformer:

@@ -3,8 +3,8 @@
 The per-layer Gaussians of the paper ignore correlations between layers; on few layers a full
 covariance detects much better, on many it overfits (docs/method.md §9). Two ways to keep it well
 conditioned: shrinking the correlation matrix towards the identity (Ledoit–Wolf, or a fixed amount),
-or a low-rank-plus-isotropic covariance (probabilistic PCA) whose rank is chosen by the held-out
-in-distribution likelihood, which fits the "layers share a few common factors" structure.
+or a factor-analysis covariance (a few shared factors plus a noise variance per layer) whose number
+of factors is chosen by the held-out in-distribution likelihood.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fimcb.core.norms import LayerNorms
+from fimcb.detectors.base import Detector
 from fimcb.detectors.gaussian import FIMGaussian
 
 
@@ -68,16 +69,21 @@ class FullGaussian(FIMGaussian):
             shrinkage = float(shrinkage)
         self.shrinkage = shrinkage
 
+    def covariance(self, z: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The covariance of the standardised features ``z [n, p]`` and what the fit chose to log."""
+        correlation, shrinkage = ledoit_wolf(z, self.shrinkage)
+        return correlation, {"shrinkage": shrinkage}
+
     def _fit(self, norms: LayerNorms) -> dict[str, Any]:
         state = super()._fit(norms)
-        correlation, shrinkage = ledoit_wolf(self.standardised(norms, state), self.shrinkage)
-        cholesky, info = torch.linalg.cholesky_ex(correlation)
+        covariance, chosen = self.covariance(self.standardised(norms, state))
+        cholesky, info = torch.linalg.cholesky_ex(covariance)
         if int(info) != 0:
             raise ValueError(
-                f"{self.name}: the covariance of {correlation.shape[0]} kept layers over {len(norms)} rows "
-                f"is singular (shrinkage {shrinkage:g}); use more fit rows or shrinkage > 0"
+                f"{self.name}: the covariance of {covariance.shape[0]} kept layers over {len(norms)} rows "
+                f"is singular ({chosen}); use more fit rows or shrinkage > 0"
             )
-        return {**state, "cholesky": cholesky, "shrinkage": shrinkage}
+        return {**state, "cholesky": cholesky, **chosen}
 
     def _score(self, norms: LayerNorms) -> Tensor:
         z = self.standardised(norms, self.state)
@@ -106,80 +112,76 @@ class FullGaussianWithLikelihood(WithLikelihood, FullGaussian):
     name = "fim_gaussian_full_ll"
 
 
-def ppca(correlation: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
-    """Maximum-likelihood probabilistic PCA (Tipping & Bishop 1999) of a covariance ``[p, p]``:
-    ``C = U diag(λ) Uᵀ + σ² (I − U Uᵀ)`` with the ``rank`` leading eigenpairs ``(U, λ)`` kept and σ² the
-    mean of the others. Returns ``(U [p, rank], λ [rank], σ²)``."""
-    values, vectors = torch.linalg.eigh(correlation)
-    values, vectors = values.flip(0), vectors.flip(1)
-    sigma2 = float(values[rank:].mean()) if rank < len(values) else 0.0
-    return vectors[:, :rank], values[:rank], max(sigma2, 1e-12)
+def factor_analysis(covariance: Tensor, rank: int, iterations: int = 200, tol: float = 1e-8) -> Tensor:
+    """Maximum-likelihood factor-analysis covariance ``W Wᵀ + diag(ψ)`` (``W [p, rank]``) of a sample
+    covariance ``[p, p]``, by the SVD-based iterations scikit-learn's ``FactorAnalysis`` uses: ``rank``
+    shared factors, and an own noise variance per feature."""
+    variance = torch.diagonal(covariance).clamp_min(1e-12)
+    psi = variance.clone()
+    if rank == 0:
+        return torch.diag(variance)
+    previous = -math.inf
+    for _ in range(iterations):
+        scale = psi.sqrt()
+        values, vectors = torch.linalg.eigh(covariance / (scale[:, None] * scale[None, :]))
+        values, vectors = values[-rank:], vectors[:, -rank:]
+        loadings = vectors * (values - 1).clamp_min(1e-12).sqrt() * scale[:, None]
+        psi = (variance - loadings.pow(2).sum(dim=1)).clamp_min(1e-12)
+        # the log-likelihood up to constants, from the eigenvalues of the scaled covariance
+        log_likelihood = float(-(psi.log().sum() + (values.log() - values + 1).sum()))
+        if log_likelihood - previous < tol:
+            break
+        previous = log_likelihood
+    return loadings @ loadings.T + torch.diag(psi)
 
 
-def ppca_mahalanobis(z: Tensor, vectors: Tensor, values: Tensor, sigma2: float) -> Tensor:
-    """``zᵀ C⁻¹ z`` per row of ``z [n, p]`` for the PPCA covariance ``(vectors, values, sigma2)``."""
-    projected = z @ vectors
-    residual = z.pow(2).sum(dim=1) - projected.pow(2).sum(dim=1)
-    return (projected.pow(2) / values).sum(dim=1) + residual / sigma2
+def gaussian_log_likelihood(z: Tensor, covariance: Tensor) -> float:
+    """Mean log-density of the rows of ``z`` under ``N(0, covariance)``."""
+    cholesky = torch.linalg.cholesky(covariance)
+    w = torch.linalg.solve_triangular(cholesky, z.T, upper=False)
+    log_det = 2 * torch.diagonal(cholesky).log().sum()
+    return float(-0.5 * (z.shape[1] * math.log(2 * math.pi) + log_det + w.pow(2).sum(dim=0)).mean())
 
 
-def ppca_log_likelihood(z: Tensor, vectors: Tensor, values: Tensor, sigma2: float) -> float:
-    """Mean Gaussian log-density of the rows of ``z`` under the PPCA covariance (zero mean)."""
-    p = z.shape[1]
-    log_det = float(values.log().sum()) + (p - len(values)) * math.log(sigma2)
-    mahalanobis = ppca_mahalanobis(z, vectors, values, sigma2)
-    return float(-0.5 * (p * math.log(2 * math.pi) + log_det + mahalanobis).mean())
+class FactorGaussian(FullGaussian):
+    """:class:`FullGaussian` with a factor-analysis covariance: a few factors shared by the layers plus
+    an own noise variance per layer.
 
-
-class FactorGaussian(FIMGaussian):
-    """Score = squared Mahalanobis distance of the standardised log features under a probabilistic-PCA
-    covariance: a few shared factors plus isotropic noise.
-
-    The rank is chosen on the fit set alone, by two-fold cross-validation of the held-out Gaussian
-    log-likelihood over ranks ``0 .. max_rank`` (rank 0 = independent standardised layers), then the
-    covariance is refitted on every fit row. With many layers and few fit rows this keeps the common
-    "gradient scale" factor that the paper's independent sum counts once per layer, without the
-    O(p²) parameters of a full covariance.
+    The number of factors is chosen on the fit set alone, by two-fold cross-validation of the held-out
+    Gaussian log-likelihood over ``0 .. max_rank`` factors (0 = independent standardised layers, the
+    paper's assumption), then the covariance is refitted on every fit row. With many layers and few fit
+    rows this keeps the common "gradient scale" factor that the paper's independent sum counts once per
+    layer, with O(p·rank) parameters instead of a full covariance's O(p²).
 
     Args:
-        max_rank: largest rank tried (default: up to 20, and at most half the fit rows and p − 1).
+        max_rank: most factors tried (also at most p − 1 and a quarter of the fit rows).
     """
 
     name = "fim_gaussian_factor"
 
-    def __init__(self, max_rank: int = 20) -> None:
-        super().__init__()
+    def __init__(self, max_rank: int = 10) -> None:
+        Detector.__init__(self)
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
             raise ValueError(f"{self.name}: max_rank must be an integer >= 0, got {max_rank!r}")
         self.max_rank = max_rank
 
-    def _fit(self, norms: LayerNorms) -> dict[str, Any]:
-        state = super()._fit(norms)
-        z = self.standardised(norms, state)
+    def covariance(self, z: Tensor) -> tuple[Tensor, dict[str, Any]]:
         n, p = z.shape
-        ranks = range(min(self.max_rank, p - 1, n // 4) + 1)
-        generator = torch.Generator().manual_seed(0)
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
         folds = (order[: n // 2], order[n // 2 :])
 
         def held_out(rank: int) -> float:
             total = 0.0
             for train, test in (folds, folds[::-1]):
-                fold = z[train] - z[train].mean(dim=0)
-                total += ppca_log_likelihood(
-                    z[test] - z[train].mean(dim=0), *ppca(fold.T @ fold / len(train), rank)
+                mean = z[train].mean(dim=0)
+                centred = z[train] - mean
+                total += gaussian_log_likelihood(
+                    z[test] - mean, factor_analysis(centred.T @ centred / len(train), rank)
                 )
             return total
 
-        rank = max(ranks, key=held_out)
-        vectors, values, sigma2 = ppca(z.T @ z / n, rank)
-        return {**state, "vectors": vectors, "values": values, "sigma2": sigma2, "rank": rank}
-
-    def _score(self, norms: LayerNorms) -> Tensor:
-        state = self.state
-        return ppca_mahalanobis(
-            self.standardised(norms, state), state["vectors"], state["values"], state["sigma2"]
-        )
+        rank = max(range(min(self.max_rank, p - 1, n // 4) + 1), key=held_out)
+        return factor_analysis(z.T @ z / n, rank), {"rank": rank}
 
     @property
     def rank(self) -> int:

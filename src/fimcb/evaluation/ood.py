@@ -166,8 +166,9 @@ def evaluate_ood(
 ) -> OODResult:
     """Out-of-distribution detection by a model with a log-likelihood, against named OOD sets.
 
-    Detectors (``methods``, default: the paper's ``fim_gaussian``, ``total_norm``, and the
-    ``likelihood`` and ``typicality`` baselines) are fitted on ``fit_loader`` (held-out in-distribution
+    Detectors (``methods``, default :data:`~fimcb.detectors.DEFAULT_METHODS`: the default detector chosen
+    without OOD data, the paper's ``fim_gaussian``, ``total_norm``, and the ``likelihood`` and
+    ``typicality`` baselines) are fitted on ``fit_loader`` (held-out in-distribution
     data), then ``test_loader`` (in-distribution) is compared with each OOD set:
     ``result.measures[ood_name][method]`` holds ``auroc``, ``aupr_in``, ``aupr_out``, ``fpr95`` (OOD =
     positive class); the result also keeps per-sample scores, fitted detectors and layer norms.

@@ -111,7 +111,8 @@ class Evaluation:
 
     Attributes:
         enabled: run it.
-        methods: detectors to evaluate (default: the paper's ``fim_gaussian``, ``total_norm``, and the
+        methods: detectors to evaluate (default :data:`fimcb.detectors.DEFAULT_METHODS`: the default
+            detector chosen without OOD data, the paper's ``fim_gaussian``, ``total_norm``, and the
             ``likelihood`` and ``typicality`` baselines).
         max_samples: cap on the samples of each set (fit, test, every OOD set); None scores them all.
     """

@@ -1,0 +1,123 @@
+"""The seeds-and-draws protocol of ``benchmarks/ood.py``: in-distribution shifts, disjoint draws, and the
+choice of the default detector without OOD data, on inputs with known answers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fimcb import LayerNorms
+from fimcb.data.datamodule import ImageSplit
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # ood.py imports its sibling finished_runs
+spec = importlib.util.spec_from_file_location("ood_benchmark", BENCHMARKS / "ood.py")
+assert spec is not None and spec.loader is not None
+ood = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = ood
+spec.loader.exec_module(ood)
+
+
+def _images(n: int = 12, channels: int = 3, side: int = 8, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, channels, side, side), generator=generator, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(ood.SHIFTS))
+def test_every_shift_keeps_shape_and_levels_changes_images_and_is_deterministic(name: str) -> None:
+    images = _images()
+    out = ood.SHIFTS[name](images, torch.Generator().manual_seed(1))
+    again = ood.SHIFTS[name](images, torch.Generator().manual_seed(1))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert torch.equal(out, again)
+    assert (out != images).flatten(1).any(dim=1).all()  # every image is changed
+
+
+def test_pixelate_makes_two_by_two_blocks_of_their_mean() -> None:
+    images = _images(side=6)
+    out = ood.SHIFTS["pixelate"](images, torch.Generator())
+    blocks = images.double().unfold(-2, 2, 2).unfold(-2, 2, 2).mean(dim=(-1, -2)).round()
+    assert torch.equal(out[..., ::2, ::2].double(), blocks) and torch.equal(
+        out[..., 1::2, 1::2].double(), blocks
+    )
+
+
+def test_tiles_moves_quadrants_and_keeps_every_pixel() -> None:
+    images = _images(side=8)
+    out = ood.SHIFTS["tiles"](images, torch.Generator())
+    assert torch.equal(out[..., :4, 4:], images[..., :4, :4])  # top-left moved right
+    assert torch.equal(out[..., :4, :4], images[..., 4:, :4])  # bottom-left moved up
+    assert torch.equal(out.flatten(1).sort().values, images.flatten(1).sort().values)
+
+
+def test_blend_is_the_mean_of_two_different_images_and_contrast_halves_the_spread() -> None:
+    images = _images(n=20)
+    blended = ood.SHIFTS["blend"](images, torch.Generator().manual_seed(0)).double()
+    means = ((images.double()[:, None] + images.double()[None, :]) / 2).round()  # [a, b, C, H, W]
+    for out in blended:
+        pairs = (means == out).flatten(2).all(dim=2).nonzero().tolist()
+        assert any(a != b for a, b in pairs)
+    contrast = ood.SHIFTS["contrast"](images, torch.Generator()).double()
+    ratio = contrast.flatten(1).std(dim=1) / images.double().flatten(1).std(dim=1)
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.02)
+
+
+def test_shift_sets_take_each_draws_images_from_that_draws_validation_rows() -> None:
+    images = _images(n=40)
+    val = ImageSplit(images, torch.arange(40), 256, torch.arange(40))
+    loaders = ood.shift_loaders(val, per_draw=5, draws=2, batch_size=7)
+    assert set(loaders) == {ood.SHIFT_PREFIX + s for s in ood.SHIFTS}
+    tiles = loaders[ood.SHIFT_PREFIX + "tiles"].dataset
+    assert len(tiles) == 10
+    assert tiles.targets.tolist() == [*range(5), *range(20, 25)]  # draw 0: rows 0.., draw 1: rows 20..
+    assert torch.equal(tiles.images, ood.SHIFTS["tiles"](images[tiles.targets], torch.Generator()))
+
+
+def test_draws_are_disjoint_equal_and_cover_the_rows_in_order() -> None:
+    norms = LayerNorms(torch.arange(1.0, 11.0)[:, None], ("a",), torch.zeros(10))
+    parts = [ood.draw(norms, d, 3) for d in range(3)]
+    assert [p.values[:, 0].tolist() for p in parts] == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+
+
+def _result(selection: dict[str, float], shifts: tuple[str, ...] = ("blend", "tiles")) -> dict:
+    """One draw of one run whose selection AUROC of detector d is ``selection[d]`` on every shift."""
+    scores = {**selection, "likelihood": 0.5, "typicality": 0.5}
+    return {"draws": [{"aurocs": {}, "selection": {s: scores for s in shifts}}]}
+
+
+def test_selection_takes_the_best_identity_detector_averaged_over_models() -> None:
+    results = {
+        "runs/a/seed_0": {"identity": {1: _result({"fim_gaussian": 0.6, "total_norm": 0.9})}},
+        "runs/a/seed_1": {"identity": {1: _result({"fim_gaussian": 0.6, "total_norm": 0.7})}},
+        "runs/b/seed_0": {"identity": {1: _result({"fim_gaussian": 0.8, "total_norm": 0.6})}},
+    }
+    table, chosen = ood.selection(results, tolerance=0.0)
+    # per model first: a: total_norm 0.8, fim 0.6; b: total_norm 0.6, fim 0.8; tie at 0.7 each
+    assert "2 models" in table
+    assert chosen == ("identity", "fim_gaussian")  # tied: the detector registered first
+
+
+def test_selection_ties_go_to_the_first_registered_and_a_fitted_metric_must_win_clearly() -> None:
+    plain = {"fim_gaussian": 0.700, "fim_gaussian_full": 0.703, "total_norm": 0.6}
+    results = {
+        "runs/a/seed_0": {
+            "identity": {1: _result(plain)},
+            "low_rank": {1: _result({"fim_gaussian": 0.703, "fim_gaussian_full": 0.9, "total_norm": 0.99})},
+        },
+        "runs/b/seed_0": {"identity": {1: _result(plain)}},
+    }
+    table, chosen = ood.selection(results, tolerance=0.005)
+    assert chosen == ("identity", "fim_gaussian")  # within 0.005 of the best
+    # only the chosen detector is compared across metrics: 0.703 is not 0.005 above 0.700
+    assert "low_rank + fim_gaussian on a: 0.703, identity 0.700: does not replace identity" in table
+    results["runs/a/seed_0"]["low_rank"] = {1: _result({"fim_gaussian": 0.72})}
+    assert ood.selection(results, tolerance=0.005)[1] == ("low_rank", "fim_gaussian")
+
+
+def test_no_selection_without_shift_data() -> None:
+    results = {"runs/a/seed_0": {"identity": {1: {"draws": [{"aurocs": {}}]}}}}
+    assert ood.selection(results, tolerance=0.005)[1] is None
