@@ -257,7 +257,7 @@ def tables(results: dict) -> str:
             ]
             for metric in metrics:
                 draws = entries(runs, metric, k)
-                for detector in draws[0][ood_sets[0]]:
+                for detector in draws[0][ood_sets[0]] if draws else ():
                     if detector in BASELINE_METHODS and metric != metrics[0]:
                         continue  # the baselines do not depend on the metric: once per table
                     row = [cell(e[o][detector] for e in draws) for o in ood_sets]
@@ -316,16 +316,18 @@ def selection(results: dict, tolerance: float) -> tuple[str, tuple[str, str] | N
 
 
 def grid(results: dict, methods: list[tuple[str, str]], k: int) -> str:
-    """One row per model and OOD set: AUROC mean ± sd over seeds × draws of each (metric, detector)."""
+    """One row per model and OOD set: AUROC mean ± sd over seeds × draws of each (metric, detector);
+    ``–`` where a model was not scored under that metric."""
     header = " | ".join(f"{d} ({m})" if d not in BASELINE_METHODS else d for m, d in methods)
     lines = [f"| model | OOD set | {header} |", "|---|---|" + "---|" * len(methods)]
     for model, runs in by_model(results).items():
         draws = {m: entries(runs, m, k) for m in {m for m, _ in methods}}
-        if not all(draws.values()):
+        if not draws["identity"]:
             continue
-        for ood in next(iter(draws.values()))[0]:
-            row = [cell(e[ood][d] for e in draws[m]) for m, d in methods]
-            lines.append(f"| {model} ({len(runs)} seeds) | {ood} | " + " | ".join(row) + " |")
+        for ood in draws["identity"][0]:
+            row = [cell(e[ood][d] for e in draws[m]) if draws[m] else "–" for m, d in methods]
+            seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+            lines.append(f"| {model} ({seeds}) | {ood} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -338,7 +340,8 @@ def load(path: Path) -> dict:
 def report(results: dict, args: argparse.Namespace) -> str:
     ranking, chosen = selection(results, args.tolerance)
     text = tables(results) + "\n\n### Selection (in-distribution shifts only)\n\n" + ranking
-    methods = [("identity", "fim_gaussian")] + ([chosen] if chosen else []) + [("identity", "typicality")]
+    chosen_pairs = [("identity", chosen[1]), chosen] if chosen else []
+    methods = [("identity", "fim_gaussian"), *dict.fromkeys(chosen_pairs), ("identity", "typicality")]
     for k in args.groups:
         text += f"\n\n### Grid, k = {k}\n\n" + grid(results, methods, k)
     return text

@@ -19,7 +19,7 @@ from fimcb import FIMNormCallback, ModelProtocolError, per_sample_layer_norms
 from fimcb.attribution.influence import influence
 from fimcb.attribution.saliency import input_saliency, saliency_map
 from fimcb.data import ImageDataModule
-from fimcb.detectors import DEFAULT_METHODS, build_detector
+from fimcb.detectors import DEFAULT_DETECTOR, DEFAULT_METHODS, build_detector
 from fimcb.evaluation.ood import load_features, load_scores
 from fimcb.lightning.options import Evaluation, Pictures, Scoring, Tracking
 from fimcb.metrics import METRICS
@@ -284,7 +284,7 @@ def test_wandb_offline_run_receives_the_keys(tmp_path: Path, monkeypatch: pytest
     assert final["ood/vflip/typicality/fpr95"] == pytest.approx(
         callback.result.measures["vflip"]["typicality"]["fpr95"]
     )
-    assert all(len([k for k in r if k.startswith("ood/")]) in (0, 3 * 4 * 4) for r in rows)
+    assert all(len([k for k in r if k.startswith("ood/")]) in (0, 3 * len(DEFAULT_METHODS) * 4) for r in rows)
     images = [r for r in rows if "samples/_type" in r]  # nested keys come back joined by "/"
     assert images and images[0]["samples/_type"] == "images/separated"
     assert list(run_dir.glob("files/media/images/samples_*.png"))
@@ -381,10 +381,10 @@ def test_pictures_novel_samples_and_dashboards_from_one_run(
         scores["noise"]["fim_gaussian"], callback.result.scores["noise"]["fim_gaussian"]
     )
     samples = torch.load(run / "novel_samples.pt", weights_only=True)
-    assert samples["method"] == "fim_gaussian" and list(samples["sets"]) == ["test", *OOD]
+    assert samples["method"] == DEFAULT_DETECTOR and list(samples["sets"]) == ["test", *OOD]
     test_set = dm.test_dataloader().dataset
     for name, entry in samples["sets"].items():
-        ranked = torch.sort(scores[name]["fim_gaussian"], descending=True)
+        ranked = torch.sort(scores[name][DEFAULT_DETECTOR], descending=True)
         torch.testing.assert_close(entry["most"]["score"], ranked.values[:3])
         torch.testing.assert_close(entry["least"]["score"], ranked.values.flip(0)[:3])
         if name == "test":

@@ -121,3 +121,18 @@ def test_selection_ties_go_to_the_first_registered_and_a_fitted_metric_must_win_
 def test_no_selection_without_shift_data() -> None:
     results = {"runs/a/seed_0": {"identity": {1: {"draws": [{"aurocs": {}}]}}}}
     assert ood.selection(results, tolerance=0.005)[1] is None
+
+
+def test_grid_is_mean_and_sd_over_seeds_and_draws_with_a_dash_where_a_metric_was_not_scored() -> None:
+    def run(*aurocs: float) -> dict:
+        return {"draws": [{"aurocs": {"noise": {"fim_gaussian": a, "typicality": 0.5}}} for a in aurocs]}
+
+    results = {
+        "runs/vae/seed_0": {"identity": {1: run(0.6, 0.8)}, "low_rank": {1: run(0.9, 0.9)}},
+        "runs/vae/seed_1": {"identity": {1: run(0.7, 0.9)}},
+        "runs/flow/seed_0": {"identity": {1: run(0.5, 0.5)}},
+    }
+    table = ood.grid(results, [("identity", "fim_gaussian"), ("low_rank", "fim_gaussian")], k=1)
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| vae (2 seeds) | noise | 0.750 ± 0.129 | 0.900 ± 0.000 |"  # sd of 0.6, 0.8, 0.7, 0.9
+    assert rows[1] == "| flow (1 seed) | noise | 0.500 ± 0.000 | – |"

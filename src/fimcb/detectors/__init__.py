@@ -40,7 +40,7 @@ for _detector in (
     register_detector(_detector)
 #: The FIM detector fimcb evaluates first by default. Chosen without OOD data, by the protocol of
 #: docs/results.md (held-out in-distribution images against shifts made from them, over seeds and models).
-DEFAULT_DETECTOR: str = FullGaussianWithLikelihood.name
+DEFAULT_DETECTOR: str = FullGaussian.name
 #: What the callback and ``evaluate_ood`` evaluate by default: the chosen detector, the paper's
 #: ``fim_gaussian``, the plain ``total_norm``, and the likelihood and typicality baselines.
 DEFAULT_METHODS: tuple[str, ...] = (
