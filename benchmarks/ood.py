@@ -98,15 +98,18 @@ SHIFTS: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = {
 }
 
 
-def shift_loaders(val: ImageSplit, per_draw: int, draws: int, batch_size: int) -> dict[str, DataLoader]:
-    """``{shift:NAME: loader}``: rows ``[d·per_draw, (d+1)·per_draw)`` are made from the first ``per_draw``
-    images of validation draw d (``val`` rows ``[d·n, (d+1)·n)``, n = len(val) // draws)."""
-    n = len(val) // draws
-    index = torch.cat([torch.arange(d * n, d * n + min(per_draw, n)) for d in range(draws)])
+def shift_loaders(
+    val: ImageSplit, rows: int, per_draw: int, draws: int, batch_size: int
+) -> dict[str, DataLoader]:
+    """``{shift:NAME: loader}``: rows ``[d·per_draw, (d+1)·per_draw)`` are made, draw by draw, from the
+    first ``per_draw`` images of validation draw d (``val`` rows ``[d·rows, (d+1)·rows)``, the rows
+    ``draw`` gives the detectors), so that a shift of draw d holds no image of another draw."""
     loaders = {}
     for name, shift in SHIFTS.items():
         generator = torch.Generator().manual_seed(sum(map(ord, name)))
-        images = shift(val.images[index], generator)
+        parts = [torch.arange(d * rows, d * rows + min(per_draw, rows)) for d in range(draws)]
+        images = torch.cat([shift(val.images[index], generator) for index in parts])
+        index = torch.cat(parts)
         split = ImageSplit(images, val.targets[index], val.num_levels, torch.full((len(index),), -1))
         loaders[SHIFT_PREFIX + name] = DataLoader(split, batch_size=batch_size)
     return loaders
@@ -165,11 +168,9 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     dm = run.datamodule
     sets = {"fit": dm.val_dataloader(), "test": dm.test_dataloader(), **dm.ood_dataloaders()}
     cap = args.draws * args.max_samples
-    shifts = (
-        shift_loaders(dm.val_set, args.max_samples // 2, args.draws, dm.eval_batch_size)
-        if args.shifts
-        else {}
-    )
+    rows = min(len(dm.val_set), cap) // args.draws  # validation rows per draw, as draw() splits them
+    per_draw = args.max_samples // 2
+    shifts = shift_loaders(dm.val_set, rows, per_draw, args.draws, dm.eval_batch_size) if args.shifts else {}
     out: dict = {}
     for name in args.metrics:
         metric: Metric | None = None  # fitted only when some group size's features are not cached
@@ -178,8 +179,9 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         for k in args.groups:
             prefix = f"{args.tag}_" if args.tag else ""
             scored = {**sets, **(shifts if k == 1 else {})}  # the selection is made at k = 1
-            suffix = "_shifts" if len(scored) > len(sets) else ""
-            cache = run_dir / "ood_benchmark" / f"{prefix}{name}_{args.fisher}_k{k}_n{cap}{suffix}.pt"
+            suffix = f"_shifts{per_draw}" if len(scored) > len(sets) else ""
+            stem = f"{prefix}{name}_{args.fisher}_k{k}_d{args.draws}_n{args.max_samples}{suffix}"
+            cache = run_dir / "ood_benchmark" / f"{stem}.pt"
             if cache.exists():  # features of an earlier pass: only the detectors run again
                 norms, score_seconds, fit_seconds = torch.load(cache, weights_only=False)
                 norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
@@ -187,10 +189,8 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
                 if metric is None:
                     metric, fit_seconds = fitted_metric(name, run.model, dm.train_dataloader(), args)
                 start = time.perf_counter()
-                norms = {
-                    s: layer_norms_over(run.model, data, options(metric, k, s, cap, args), name=s)
-                    for s, data in scored.items()
-                }
+                scoring = ScoringOptions(group_size=k, metric=metric, max_samples=cap)
+                norms = {s: layer_norms_over(run.model, data, scoring, name=s) for s, data in scored.items()}
                 score_seconds = time.perf_counter() - start
                 cache.parent.mkdir(exist_ok=True)
                 torch.save(({s: asdict(n) for s, n in norms.items()}, score_seconds, fit_seconds), cache)
@@ -206,12 +206,6 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     return out
 
 
-def options(metric: Metric, k: int, name: str, cap: int, args: argparse.Namespace) -> ScoringOptions:
-    """Scoring of set ``name``: shift sets hold half a draw per draw, every other set ``cap`` samples."""
-    limit = args.draws * (args.max_samples // 2) if name.startswith(SHIFT_PREFIX) else cap
-    return ScoringOptions(group_size=k, metric=metric, max_samples=limit)
-
-
 def mean_sd(values: Iterable[float]) -> tuple[float, float]:
     values = list(values)
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -223,9 +217,11 @@ def cell(values: Iterable[float]) -> str:
 
 
 def model_of(run: str) -> str:
-    """The model a run belongs to: ``runs/grid/vae_mnist/seed_1`` -> ``vae_mnist``."""
-    path = Path(run.split(" ")[0])
-    return path.parent.name if path.name.startswith("seed_") else path.name
+    """The model a run belongs to: ``runs/grid/vae_mnist/seed_1`` -> ``vae_mnist``; a run outside a
+    seeds folder is its own model (its path), and a tag scored with overrides stays in the name."""
+    path, _, tag = run.partition(" ")
+    name = Path(path).parent.name if Path(path).name.startswith("seed_") else path
+    return f"{name} {tag}".strip()
 
 
 def by_model(results: dict) -> dict[str, list[dict]]:
@@ -341,7 +337,7 @@ def report(results: dict, args: argparse.Namespace) -> str:
     ranking, chosen = selection(results, args.tolerance)
     text = tables(results) + "\n\n### Selection (in-distribution shifts only)\n\n" + ranking
     chosen_pairs = [("identity", chosen[1]), chosen] if chosen else []
-    methods = [("identity", "fim_gaussian"), *dict.fromkeys(chosen_pairs), ("identity", "typicality")]
+    methods = list(dict.fromkeys([("identity", "fim_gaussian"), *chosen_pairs, ("identity", "typicality")]))
     for k in args.groups:
         text += f"\n\n### Grid, k = {k}\n\n" + grid(results, methods, k)
     return text

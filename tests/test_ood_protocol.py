@@ -66,15 +66,21 @@ def test_blend_is_the_mean_of_two_different_images_and_contrast_halves_the_sprea
     assert torch.allclose(ratio, torch.full_like(ratio, 0.5), atol=0.02)
 
 
-def test_shift_sets_take_each_draws_images_from_that_draws_validation_rows() -> None:
+def test_shift_sets_take_each_draws_images_from_that_draws_validation_rows_only() -> None:
     images = _images(n=40)
     val = ImageSplit(images, torch.arange(40), 256, torch.arange(40))
-    loaders = ood.shift_loaders(val, per_draw=5, draws=2, batch_size=7)
+    # 40 validation images, of which the detectors see 2 draws of 10 rows (a cap of 20): 5 per shift draw
+    loaders = ood.shift_loaders(val, rows=10, per_draw=5, draws=2, batch_size=7)
     assert set(loaders) == {ood.SHIFT_PREFIX + s for s in ood.SHIFTS}
     tiles = loaders[ood.SHIFT_PREFIX + "tiles"].dataset
-    assert len(tiles) == 10
-    assert tiles.targets.tolist() == [*range(5), *range(20, 25)]  # draw 0: rows 0.., draw 1: rows 20..
+    assert tiles.targets.tolist() == [*range(5), *range(10, 15)]  # draw 0: rows 0.., draw 1: rows 10..
     assert torch.equal(tiles.images, ood.SHIFTS["tiles"](images[tiles.targets], torch.Generator()))
+    blend = loaders[ood.SHIFT_PREFIX + "blend"].dataset.images.double()
+    means = ((images.double()[:, None] + images.double()[None, :]) / 2).round()
+    for row, out in enumerate(blend):
+        pairs = (means == out).flatten(2).all(dim=2).nonzero()
+        own = range(0, 5) if row < 5 else range(10, 15)  # the images of the row's own draw
+        assert any(int(a) in own and int(b) in own and a != b for a, b in pairs), row
 
 
 def test_draws_are_disjoint_equal_and_cover_the_rows_in_order() -> None:

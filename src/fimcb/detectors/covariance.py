@@ -81,7 +81,7 @@ class FullGaussian(FIMGaussian):
         if int(info) != 0:
             raise ValueError(
                 f"{self.name}: the covariance of {covariance.shape[0]} kept layers over {len(norms)} rows "
-                f"is singular ({chosen}); use more fit rows or shrinkage > 0"
+                f"is singular ({chosen}); use more fit rows (or, for {FullGaussian.name}, shrinkage > 0)"
             )
         return {**state, "cholesky": cholesky, **chosen}
 
@@ -112,7 +112,7 @@ class FullGaussianWithLikelihood(WithLikelihood, FullGaussian):
     name = "fim_gaussian_full_ll"
 
 
-def factor_analysis(covariance: Tensor, rank: int, iterations: int = 200, tol: float = 1e-8) -> Tensor:
+def factor_analysis(covariance: Tensor, rank: int, iterations: int = 1000, tol: float = 1e-8) -> Tensor:
     """Maximum-likelihood factor-analysis covariance ``W Wᵀ + diag(ψ)`` (``W [p, rank]``) of a sample
     covariance ``[p, p]``, by the SVD-based iterations scikit-learn's ``FactorAnalysis`` uses: ``rank``
     shared factors, and an own noise variance per feature."""
@@ -123,13 +123,15 @@ def factor_analysis(covariance: Tensor, rank: int, iterations: int = 200, tol: f
     previous = -math.inf
     for _ in range(iterations):
         scale = psi.sqrt()
-        values, vectors = torch.linalg.eigh(covariance / (scale[:, None] * scale[None, :]))
-        values, vectors = values[-rank:], vectors[:, -rank:]
+        all_values, vectors = torch.linalg.eigh(covariance / (scale[:, None] * scale[None, :]))
+        values, vectors = all_values[-rank:], vectors[:, -rank:]
+        # the profile log-likelihood at this ψ (×(−2/n), up to constants), as scikit-learn computes it
+        log_likelihood = -float(
+            values.clamp_min(1e-12).log().sum() + all_values[:-rank].sum() + psi.log().sum()
+        )
         loadings = vectors * (values - 1).clamp_min(1e-12).sqrt() * scale[:, None]
         psi = (variance - loadings.pow(2).sum(dim=1)).clamp_min(1e-12)
-        # the log-likelihood up to constants, from the eigenvalues of the scaled covariance
-        log_likelihood = float(-(psi.log().sum() + (values.log() - values + 1).sum()))
-        if log_likelihood - previous < tol:
+        if abs(log_likelihood - previous) < tol:
             break
         previous = log_likelihood
     return loadings @ loadings.T + torch.diag(psi)
