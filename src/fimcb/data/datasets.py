@@ -170,7 +170,11 @@ def _load_digits(split: str) -> tuple[Tensor, Tensor]:
 def _load_tinyimagenet32(root: Path, split: str) -> tuple[Tensor, Tensor]:
     path = root / "tinyimagenet32.npz"
     if not path.is_file():
-        raise _missing("tinyimagenet32", root, FileNotFoundError(f"no file {path}"))
+        raise FileNotFoundError(
+            f"dataset 'tinyimagenet32' not found: no file {path.resolve()}. Expected layout: "
+            f"{_LAYOUT['tinyimagenet32'].format(root=root.resolve())}; it is built offline (there is no "
+            "download). Fix: point --data.root PATH (or FIMCB_DATA_ROOT) at the folder that holds it."
+        )
     images, targets = _load_arrays(path, "test", str(path))
     return _fixed_split(images, targets, split)
 
