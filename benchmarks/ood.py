@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 from fimcb.data.datamodule import ImageSplit
 from fimcb.detectors import BASELINE_METHODS, DETECTORS
 from fimcb.engine import LayerNorms
-from fimcb.evaluation.ood import fit_and_score
+from fimcb.evaluation.ood import fit_and_score, ood_measures
 from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
 from fimcb.metrics import METRICS, Metric
 
@@ -152,8 +152,12 @@ def evaluate_draws(norms: dict[str, LayerNorms], draws: int) -> list[dict]:
             other = (d + 1) % draws
             held_out = draw(norms["fit"], other, draws)
             shifted = {s[len(SHIFT_PREFIX) :]: draw(n, other, draws) for s, n in shifts.items()}
-            selection = fit_and_score(fit, held_out, shifted, [*detectors, *BASELINE_METHODS])
-            entry["selection"] = aurocs_of(selection.measures)
+            fitted = result.detectors  # already fitted on this draw's validation rows: score, do not refit
+            held = {name: detector.score(held_out) for name, detector in fitted.items()}
+            entry["selection"] = {
+                s: {name: ood_measures(held[name], d.score(rows))["auroc"] for name, d in fitted.items()}
+                for s, rows in shifted.items()
+            }
         out.append(entry)
     return out
 
