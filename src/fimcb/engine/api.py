@@ -18,6 +18,7 @@ from fimcb.core.modes import eval_mode, grad_enabled
 from fimcb.core.norms import LayerNorms
 from fimcb.core.protocol import LogLikelihoodFn, ModelProtocolError, resolve_log_likelihood
 from fimcb.engine.capture import Capture, capture
+from fimcb.engine.factors import Factor
 from fimcb.engine.func import default_chunk_size, func_layer_norms
 from fimcb.engine.loop import loop_layer_norms
 from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
@@ -31,12 +32,17 @@ Engine = Literal["auto", "hooks", "func", "loop"]
 def hooks_layer_norms(request: NormRequest, groups: Tensor) -> tuple[Tensor, Tensor]:
     """Same contract as :func:`fimcb.engine.func.func_layer_norms`, by one batched capture."""
     n_groups, k = groups.shape[:2]
-    captured = capture(request, groups.flatten(0, 1))
-    norms = []
-    for name, p in request.params.items():
-        factor = captured.factors[name].groups(k) if k > 1 else captured.factors[name]
-        norms.append(factor.squared_norms(name, request.metric, p.shape))
-    return torch.stack(norms, dim=1).detach(), captured.log_likelihood.reshape(n_groups, k).sum(1)
+
+    def reduce(name: str, factor: Factor) -> Tensor:
+        grouped = factor.groups(k) if k > 1 else factor
+        return grouped.squared_norms(name, request.metric, request.params[name].shape).detach()
+
+    captured = capture(request, groups.flatten(0, 1), reduce)
+    norms = [
+        captured.norms[name] if name in captured.norms else reduce(name, captured.factors[name])
+        for name in request.params
+    ]
+    return torch.stack(norms, dim=1), captured.log_likelihood.reshape(n_groups, k).sum(1)
 
 
 #: The backends by name; ``auto`` times the first two on a model's first batch and keeps the faster,

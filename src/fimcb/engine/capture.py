@@ -27,12 +27,13 @@ import functools
 import logging
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
@@ -100,6 +101,8 @@ class _Plan:
     routes: dict[str, set[Route]] = field(default_factory=lambda: defaultdict(set))
     rules: dict[nn.Module, Rule] = field(default_factory=dict)  # the owners with a rule: hooked
     unrolled: list[tuple[nn.Module, Unrolled]] = field(default_factory=list)  # run unrolled, unhooked
+    stream: bool = True  # whether later batches reduce layers during the backward (:class:`_Stream`)
+    asked: frozenset[nn.Module] | None = None  # streamed layers autograd must be asked for (a walk finds)
 
     @staticmethod
     def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
@@ -147,13 +150,26 @@ class _ModuleCall:
     local: dict[str, str]
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    output: Any
+    positions: list[int]  # of the outputs among the module's flattened output
     outputs: list[Tensor]
     rows: list[int | None]
     sources: list[int | None]  # pull-back source of each shared output
     input_rows: Callable[[Any], int | None]  # rows per sample of an input (``None``: shared)
     expanded: bool = False  # called on unit-batch inputs, its outputs expanded to the batch
     grads: list[Tensor | None] = field(default_factory=list)
+    # Where the outputs' gradients enter the graph. Where the rule never reads the outputs, they are not
+    # held: ``outputs`` are then zero-stride stand-ins with their shapes.
+    edges: list[GradientEdge] = field(default_factory=list)
+    streamed: bool = False  # its output's gradient arrives by a hook during the backward (:class:`_Stream`)
+    reduced: bool = False  # and its parameters were reduced there (else they are served after it)
+
+    def targets(self) -> list[GradientEdge]:
+        """What to ask autograd for, for the gradients of the batched outputs."""
+        return [e for e, r in zip(self.edges, self.rows, strict=True) if r is not None]
+
+    def release(self) -> None:
+        """Drop what the call captured, so that its tensors can go once the backward has used them."""
+        self.args, self.kwargs, self.outputs, self.edges, self.grads = (), {}, [], [], []
 
     @property
     def batched(self) -> bool:
@@ -169,12 +185,18 @@ class Capture:
     """Per-sample factors of every trainable parameter of one batch (rows = samples).
 
     Attributes:
-        factors: one factor per parameter, by global name.
+        factors: one factor per parameter, by global name, except those in ``norms``.
         log_likelihood: ``[B]`` per-sample log-likelihoods.
+        norms: the parameters already reduced during the backward pass, by the capture's ``reduce``.
     """
 
     factors: dict[str, Factor]
     log_likelihood: Tensor
+    norms: dict[str, Tensor] = field(default_factory=dict)
+
+
+#: What a capture may reduce a parameter's complete factor to as soon as it is known (its norms), by name.
+Reduce = Callable[[str, Factor], Tensor]
 
 
 class _Forward:
@@ -269,23 +291,31 @@ class _Forward:
         if not outputs:
             return None
         state, batch = self.state, self.batch
+        # Gradients are asked for at the outputs' edges, which later in-place changes of the outputs do not
+        # move; the outputs themselves are kept, and protected, only for a rule that reads their values.
+        reads = self.plan.rules[module].reads_outputs
         expanded = False
         if not self.tracked and all(t.ndim and t.shape[0] == batch for t in outputs):  # the common case
-            state.versions.extend((t, t._version) for t in outputs)
+            positions, edges = _positions(output, outputs), [get_gradient_edge(t) for t in outputs]
+            if reads:
+                state.versions.extend((t, t._version) for t in outputs)
+            else:  # not held: they go when the model is done with them, as in a plain forward
+                outputs = [t.new_zeros(()).expand(t.shape) for t in outputs]
             self.calls.append(
                 _ModuleCall(
                     module,
                     local,
                     args,
                     kwargs,
-                    output,
+                    positions,
                     outputs,
                     [1] * len(outputs),
                     [None] * len(outputs),
                     self.input_rows,
+                    edges=edges,
                 )
             )
-            return self._copies(output, outputs) if self.plan.copy_outputs else None
+            return self._copies(output, outputs) if reads and self.plan.copy_outputs else None
         if self.tracked:
             from_data = any(state.kind(t) is Kind.BATCHED for t in tensors_in((args, kwargs)))
             rows = [self._output_rows(t, from_data) for t in outputs]
@@ -311,16 +341,27 @@ class _Forward:
             else:
                 state.label(t, Kind.BATCHED)
                 sources.append(None)
-                state.versions.append((t, t._version))
+                if reads:
+                    state.versions.append((t, t._version))
         self.calls.append(
             _ModuleCall(
-                module, local, args, kwargs, output, outputs, rows, sources, self.input_rows, expanded
+                module,
+                local,
+                args,
+                kwargs,
+                _positions(output, outputs),
+                outputs,
+                rows,
+                sources,
+                self.input_rows,
+                expanded,
+                edges=[get_gradient_edge(t) for t in outputs],
             )
         )
         if shared:
             flat, spec = tree_flatten(output)
             output = tree_unflatten([shared.get(id(t), t) for t in flat], spec)
-        if not self.plan.copy_outputs:
+        if not (self.plan.copy_outputs and (reads or None in rows)):
             return output if expanded or shared else None
         return self._copies(output, outputs)
 
@@ -345,18 +386,21 @@ class _Forward:
         return 1 if t.shape[0] == self.batch else None
 
 
-def capture(request: NormRequest, x: Tensor) -> Capture:
+def capture(request: NormRequest, x: Tensor, reduce: Reduce | None = None) -> Capture:
     """Per-sample factors of every trainable parameter for the batch ``x`` (the hooks backend).
 
     A model's first batch runs under the batch tracker and is verified against autograd; models that
     turn out to need neither the tracker nor copies of their layers' outputs run without them after.
+    With ``reduce``, those later batches reduce the parameters of every layer called once to what
+    ``reduce`` makes of them while the backward pass runs (:class:`_Stream`): the caller gets those in
+    :attr:`Capture.norms` instead of factors, and the memory stays that of a plain backward.
     """
     model, params = request.model, request.params
     plan = plan_for(model, params)
     for _ in range(6):
         verifying = not plan.verified
         try:
-            result, needs_tracker = _capture(request, plan, x, verifying)
+            result, needs_tracker = _capture(request, plan, x, verifying, reduce)
         except _Replan as why:
             lighter = plan.tracking is Tracking.NONE
             plan.tracking = Tracking.LIGHT if lighter else Tracking.FULL
@@ -367,6 +411,8 @@ def capture(request: NormRequest, x: Tensor) -> Capture:
             continue
         except _InPlace:  # a later in-place operation changed a captured output: capture behind copies
             plan.copy_outputs, plan.verified = True, False
+            continue
+        except _Regraph:
             continue
         if verifying:
             plan.verified = True
@@ -392,6 +438,12 @@ def _input_rows(state: TrackerState, batch: int, tracked: bool, t: Any) -> int |
     return 1 if t.ndim and t.shape[0] == batch else None
 
 
+def _positions(output: Any, outputs: list[Tensor]) -> list[int]:
+    """Where each of ``outputs`` is among the leaves of the module's ``output``."""
+    flat = tree_flatten(output)[0]
+    return [next(i for i, t in enumerate(flat) if t is o) for o in outputs]
+
+
 def _expand_outputs(output: Any, outputs: list[Tensor], batch: int) -> tuple[Any, list[Tensor]]:
     """The module's output with every unit-batch tensor that carries gradient expanded to the batch."""
     flat, spec = tree_flatten(output)
@@ -408,7 +460,132 @@ class _InPlace(Exception):
     """A captured output was modified in place later in the forward pass."""
 
 
-def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tuple[Capture, bool]:
+#: A layer whose captured inputs and output gradient hold less than this is reduced after the backward:
+#: reducing during it costs a hook and an interruption per layer, worth it only for what it frees.
+STREAM_MIN_BYTES = 1 << 20
+
+
+def _held_bytes(call: _ModuleCall) -> int:
+    """What a call's capture holds until its layer is reduced: its tensor inputs and output gradients."""
+    inputs = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor)]
+    return sum(t.numel() * t.element_size() for t in (*inputs, *call.outputs))
+
+
+class _Regraph(Exception):
+    """A streamed layer's gradient neither arrived nor was asked for: the graph differs from the one the
+    plan's walk saw. Capture again, walking the graph."""
+
+
+class _Stream:
+    """The calls of a capture whose parameters are reduced while the backward pass runs.
+
+    A layer called once, with a rule and one batched output, that holds enough (``STREAM_MIN_BYTES``)
+    gets a hook on the node its output's gradient enters: when that node runs, the rule's factors are
+    reduced at once and the call lets go of its inputs, so that neither outlives the layer's backward
+    (as in a plain backward) instead of every layer's inputs and output gradients being held to the
+    end. Autograd only runs the nodes on the way to what it is asked for, so the outputs whose nodes
+    would not run are asked for as well and reduced after it (:meth:`ask`). A rule that fails leaves
+    its call to the usual route."""
+
+    def __init__(self, forward: _Forward, reduce: Reduce) -> None:
+        self.reduce, self.plan = reduce, forward.plan
+        self.norms: dict[str, Tensor] = {}
+        calls_of: dict[nn.Module, int] = defaultdict(int)
+        uses: dict[str, int] = defaultdict(int)
+        for call in forward.calls:
+            calls_of[call.module] += 1
+            for name in call.local.values():
+                uses[name] += 1
+        self.pending: dict[nn.Module, tuple[_ModuleCall, GradientEdge]] = {}
+        for call in forward.calls:
+            edge = call.edges[0] if call.rows == [1] else None
+            if (
+                edge is not None
+                and edge.node is not None  # not an output that is a leaf
+                and _held_bytes(call) >= STREAM_MIN_BYTES
+                and calls_of[call.module] == 1
+                and not call.expanded
+                and all(uses[n] == 1 and n not in self.plan.fallback for n in call.local.values())
+            ):
+                call.streamed = True
+                self.pending[call.module] = call, edge
+        self.handles = [
+            edge.node.register_prehook(functools.partial(self._arrived, call.module, edge.output_nr))
+            for call, edge in self.pending.values()
+        ]
+        self.asked: list[_ModuleCall] = []
+        self.walked = False
+
+    def ask(self, total: Tensor, wanted: list[Tensor | GradientEdge]) -> list[GradientEdge]:
+        """The edges to ask autograd for besides ``wanted``: those of the streamed outputs whose nodes would
+        not run. A node runs only when a node it feeds is asked for, or runs; one depth-first walk of the
+        graph finds them on a model's first streamed batch (the nodes off the graph too: asking costs
+        nothing there), and the plan keeps the layers for the next batches (:meth:`finish` checks them)."""
+        if self.plan.asked is None:
+            self.plan.asked, self.walked = self._walk(total, wanted), True
+        self.asked = [call for module, (call, _) in self.pending.items() if module in self.plan.asked]
+        return [call.edges[0] for call in self.asked]
+
+    def _walk(self, total: Tensor, wanted: list[Tensor | GradientEdge]) -> frozenset[nn.Module]:
+        at: dict[Node, list[nn.Module]] = defaultdict(list)
+        for module, (_, edge) in self.pending.items():
+            at[edge.node].append(module)
+        asked = {w.grad_fn if isinstance(w, Tensor) else w.node for w in wanted}
+        runs: dict[Node, bool] = {}
+        stack: list[tuple[Node, bool]] = [(total.grad_fn, False)] if total.grad_fn is not None else []
+        while stack:
+            node, done = stack.pop()
+            if not done:
+                if node in runs:
+                    continue
+                runs[node] = False
+                stack.append((node, True))
+                stack.extend((n, False) for n, _ in node.next_functions if n is not None and n not in runs)
+                continue
+            runs[node] = any(n is not None and (n in asked or runs[n]) for n, _ in node.next_functions)
+            if not runs[node] and node in at:
+                asked.add(node)
+        return frozenset(m for node, modules in at.items() if not runs.get(node, False) for m in modules)
+
+    def _arrived(self, module: nn.Module, index: int, grads: tuple[Tensor | None, ...]) -> None:
+        found = self.pending.pop(module, None)
+        if found is not None:  # the node runs: no gradient for this output means zero
+            call, _ = found
+            grad = grads[index]
+            self._reduce(call, torch.zeros_like(call.outputs[0]) if grad is None else grad.detach())
+
+    def _reduce(self, call: _ModuleCall, grad: Tensor) -> None:
+        call.grads = [grad]
+        try:
+            factors = _by_rule(self.plan.rules[call.module], call, [grad], grad.shape[0])
+            norms = {call.local[n]: self.reduce(call.local[n], f) for n, f in factors.items()}
+        except Exception:  # served after the backward, by the rule again or module-local torch.func
+            return
+        self.norms.update(norms)
+        for name in norms:
+            self.plan.routes[name].add(Route.RULE)
+        call.reduced = True
+        call.release()
+
+    def finish(self, grads: Sequence[Tensor | None]) -> None:
+        """Reduce the asked-for calls by the gradients autograd returned (``None``: off the graph, zero).
+        A call whose node did not run although the plan did not ask for it means the graph changed:
+        :class:`_Regraph` (after a fresh walk, which cannot miss one, the model stops streaming)."""
+        for handle in self.handles:
+            handle.remove()
+        for call, grad in zip(self.asked, grads, strict=True):
+            if self.pending.pop(call.module, None) is not None:
+                self._reduce(call, torch.zeros_like(call.outputs[0]) if grad is None else grad.detach())
+        if self.pending:
+            self.plan.asked = None
+            if self.walked:
+                self.plan.stream = False
+            raise _Regraph
+
+
+def _capture(
+    request: NormRequest, plan: _Plan, x: Tensor, verify: bool, reduce: Reduce | None
+) -> tuple[Capture, bool]:
     """One capture; also whether this model needs the batch tracker (for the next batches).
 
     Without the tracker, a module called once for the whole batch with a unit leading dimension (a
@@ -423,36 +600,62 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     state = forward.state
     if any(t._version != v for t, v in state.versions):
         raise _InPlace
-    targets = [t for c in forward.calls for t, r in zip(c.outputs, c.rows, strict=True) if r is not None]
+    state.versions.clear()  # checked: the captured outputs may go as soon as the backward has used them
+    total = ll.sum()
+    stream = (
+        _Stream(forward, reduce)
+        if reduce is not None and not verify and plan.tracking is Tracking.NONE and plan.stream
+        else None
+    )
+    targets = [t for c in forward.calls if not c.streamed for t in c.targets()]
     op_targets = [t for op, _ in state.ops for t in op.targets]
-    wanted = targets + op_targets + (list(params.values()) if verify else [])
+    wanted: list[Tensor | GradientEdge] = [*targets, *op_targets]
+    extra = stream.ask(total, wanted) if stream is not None else []
+    wanted += params.values() if verify else []
     found_grads = (  # nothing to capture when every parameter has fallen back
-        torch.autograd.grad(ll.sum(), wanted, allow_unused=True, retain_graph=verify and bool(state.sources))
-        if wanted
+        list(
+            torch.autograd.grad(
+                total,
+                [*wanted, *extra],  # type: ignore[arg-type]  # tensors and edges mixed: autograd takes both
+                allow_unused=True,
+                retain_graph=verify and bool(state.sources),
+            )
+        )
+        if wanted or extra
         else []
     )
+    if stream is not None:
+        stream.finish(found_grads[len(wanted) :])
+        del found_grads[len(wanted) :]
     received = [None if g is None else g.detach() for g in found_grads]  # None: no gradient reached it
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, received, strict=True)]
+    tensors = [*op_targets, *(params.values() if verify else [])]  # zeros where no gradient reached
+    grads = [
+        torch.zeros_like(t) if g is None else g
+        for t, g in zip(tensors, received[len(targets) :], strict=True)
+    ]
     position = 0
     for c in forward.calls:
+        if c.streamed:
+            continue
         c.grads = []
         for r in c.rows:
             c.grads.append(received[position] if r is not None else None)
             position += r is not None
     found: dict[str, list[Factor]] = defaultdict(list)
     failed: dict[str, str] = {}
-    pullback = _op_factors(forward, grads[len(targets) : len(targets) + len(op_targets)], found, failed)
+    pullback = _op_factors(forward, grads[: len(op_targets)], found, failed)
     if pullback:
         _pull_back(forward, pullback, found, failed)
     _module_factors(forward, found, failed)
-    served = [n for n in params if n not in plan.fallback and n not in failed]
+    norms = stream.norms if stream is not None else {}
+    served = [n for n in params if n not in plan.fallback and n not in failed and n not in norms]
     if plan.tracking is Tracking.NONE and any(n not in found for n in served):
         raise _Replan(
             f"parameters {[n for n in served if n not in found][:5]} were not used inside their module"
         )
     factors = {n: Factor.combine(found[n]) if found[n] else _zeros(params[n], batch) for n in served}
     if verify:
-        failed.update(_verify(request, factors, grads[len(wanted) - len(params) :], x, ll))
+        failed.update(_verify(request, factors, grads[len(op_targets) :], x, ll))
     if failed and plan.tracking is not Tracking.FULL:
         raise _Replan(
             f"without the tracker, {', '.join(f'{n} ({why})' for n, why in list(failed.items())[:3])}"
@@ -468,9 +671,10 @@ def _capture(request: NormRequest, plan: _Plan, x: Tensor, verify: bool) -> tupl
     needs_tracker = any(_needs_tracker(state, op) for op, _ in state.ops) or any(
         (r is not None and r != 1) or (r is None and not _unit_leading(t))
         for c in forward.calls
+        if not c.streamed
         for t, r in zip(c.outputs, c.rows, strict=True)
     )
-    return Capture({n: factors[n] for n in params}, ll.detach()), needs_tracker
+    return Capture({n: factors[n] for n in params if n not in norms}, ll.detach(), norms), needs_tracker
 
 
 def _detached(t: Any) -> Any:
@@ -645,6 +849,8 @@ def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: d
     parameters neither can serve are noted in ``failed``."""
     batch, plan = forward.batch, forward.plan
     for call in forward.calls:
+        if call.reduced:
+            continue
         grads = [  # an output no gradient reached: zeros, per sample for a shared one
             g
             if g is not None
@@ -719,8 +925,6 @@ def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch:
     own = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in call.local}
 
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    flat = tree_flatten(call.output)[0]
-    positions = [next(i for i, t in enumerate(flat) if t is o) for o in call.outputs]
 
     def piece(p: dict[str, Tensor], sample_leaves: list[Any]) -> Any:
         args, kwargs = tree_unflatten(sample_leaves, spec)
@@ -730,7 +934,7 @@ def _module_local(_: Rule | None, call: _ModuleCall, grads: list[Tensor], batch:
     leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
     output_grads = [  # outputs no gradient reached (an unused second output) contribute nothing
         (i, g, r is not None)
-        for i, g, r, received in zip(positions, grads, call.rows, call.grads, strict=True)
+        for i, g, r, received in zip(call.positions, grads, call.rows, call.grads, strict=True)
         if received is not None
     ]
     if not output_grads:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,8 +26,11 @@ from torch import Tensor
 
 from fimcb.core.metric import Metric, squared_row_norms
 
-# Materialised per-group gradients are produced this many floats at a time at most.
+# Materialised per-group gradients are produced this many floats at a time at most, and no more than the
+# factor itself holds (its footprint), down to a floor below which more steps cost more than they save:
+# so that norming a layer never takes much more memory than its activations.
 MATERIALISE_BUDGET = 1 << 26
+MATERIALISE_FLOOR = 1 << 18
 
 
 class NormRoute(enum.Enum):
@@ -59,8 +62,17 @@ class Factor(ABC):
 
     def total(self) -> Tensor:
         """Sum over all groups (the batch gradient), to check the rule against autograd."""
-        step = max(1, MATERIALISE_BUDGET // max(1, self.dense(slice(0, 1)).numel()))
+        step = self.step(self.dense(slice(0, 1)).numel())
         return sum(self.dense(slice(s, s + step)).sum(0) for s in range(0, self.n_groups, step))  # type: ignore[return-value]
+
+    def footprint(self) -> int:
+        """Floats this factor holds (unknown: the budget), which bounds how many it materialises at once."""
+        return MATERIALISE_BUDGET
+
+    def step(self, per_group: int) -> int:
+        """Groups to materialise at once, for gradients of ``per_group`` floats each."""
+        floats = max(min(MATERIALISE_BUDGET, self.footprint()), MATERIALISE_FLOOR)
+        return max(1, floats // max(1, per_group))
 
     def ghost_norms(self) -> Tensor | None:
         """Squared Euclidean norms without materialising, or ``None`` when materialising is cheaper."""
@@ -98,7 +110,7 @@ class Factor(ABC):
             shortcut = self.diagonal_norms(weights.to(self.device).reshape(self.matrix_shape(shape)))
         if shortcut is not None:
             return shortcut
-        step = max(1, MATERIALISE_BUDGET // max(1, shape.numel()))
+        step = self.step(shape.numel())
         # Explicit row counts: "-1" is ambiguous for an empty parameter (a layer with no inputs).
         rows = [(s, min(step, self.n_groups - s)) for s in range(0, self.n_groups, step)]
         parts = [metric.squared_norms(name, self.dense(slice(s, s + n)).reshape(n, *shape)) for s, n in rows]
@@ -151,6 +163,9 @@ class OuterSum(Factor):
 
     def matrix_shape(self, shape: torch.Size) -> torch.Size:
         return torch.Size((self.u.shape[2], self.v.shape[2]))
+
+    def footprint(self) -> int:
+        return self.u.numel() + self.v.numel()
 
     def diagonal_norms(self, weights: Tensor) -> Tensor | None:
         if self.u.shape[1] != 1:
@@ -267,6 +282,9 @@ class Dense(Factor):
     def n_groups(self) -> int:
         return self.grads.shape[0]
 
+    def footprint(self) -> int:
+        return self.grads.numel()
+
     @property
     def device(self) -> torch.device:
         return self.grads.device
@@ -286,6 +304,52 @@ class Dense(Factor):
 
     def total(self) -> Tensor:
         return self.grads.sum(0)
+
+
+@dataclass
+class Blockwise(Factor):
+    """Per-group gradients formed densely a block of samples at a time by ``make(samples) -> [n, *shape]``,
+    never all at once: for a layer whose gradients are fastest to materialise but larger than what it
+    holds (``footprint`` floats: its inputs and output gradients)."""
+
+    make: Callable[[slice], Tensor]
+    n_samples: int
+    held: int
+    group_size: int = 1
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_samples // self.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.make(slice(0, 0)).device
+
+    def footprint(self) -> int:
+        return self.held
+
+    def groups(self, group_size: int) -> Blockwise:
+        return Blockwise(self.make, self.n_samples, self.held, self.group_size * group_size)
+
+    def dense(self, rows: slice) -> Tensor:
+        start, stop, _ = rows.indices(self.n_groups)
+        k, n = self.group_size, max(0, stop - start)
+        grads = self.make(slice(start * k, (start + n) * k))
+        return grads.reshape(n, k, *grads.shape[1:]).sum(1) if k > 1 else grads
+
+    def _blocks(self) -> list[slice]:
+        step = self.step(self.dense(slice(0, 1)).numel()) if self.n_groups else 1
+        return [slice(s, s + step) for s in range(0, self.n_groups, step)]
+
+    def _per_block(self, norms: Callable[[Tensor], Tensor]) -> Tensor:
+        parts = [norms(self.dense(rows)) for rows in self._blocks()]
+        return torch.cat(parts) if parts else self.dense(slice(0, 0)).new_zeros(0)
+
+    def ghost_norms(self) -> Tensor:
+        return self._per_block(squared_row_norms)
+
+    def diagonal_norms(self, weights: Tensor) -> Tensor:
+        return self._per_block(lambda block: Dense(block).diagonal_norms(weights))
 
 
 @dataclass

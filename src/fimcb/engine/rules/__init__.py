@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
@@ -48,6 +48,11 @@ class Call:
 
 class Rule(ABC):
     """Per-sample gradients of one module type's own parameters from a captured call."""
+
+    #: Whether :meth:`factors` reads ``call.outputs``' values. A rule that does not should say so: the
+    #: capture then need not hold the layer's outputs (memory), and presents zero-stride stand-ins of
+    #: the same shape.
+    reads_outputs: ClassVar[bool] = True
 
     def supports(self, module: Any) -> bool:
         """Whether this configuration of the module (one of the registered types) is covered; otherwise

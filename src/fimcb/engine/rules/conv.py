@@ -20,7 +20,7 @@ from torch.nn.grad import conv1d_weight, conv2d_weight
 from torch.nn.modules.conv import _ConvNd
 
 from fimcb.core.metric import Identity
-from fimcb.engine.factors import BiasSum, Dense, Factor, NormRoute, OuterSum
+from fimcb.engine.factors import BiasSum, Blockwise, Dense, Factor, NormRoute, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
 
 
@@ -39,11 +39,10 @@ class ConvFactor(Factor):
 
     rows: Tensor
     columns: Callable[[], Tensor]
-    grouped: Callable[[], Tensor]
+    grouped: Blockwise
     route: ConvRoute
     input_side: Literal["u", "v"]
     _outer: OuterSum | None = field(default=None, repr=False)
-    _dense: Tensor | None = field(default=None, repr=False)
 
     @property
     def n_groups(self) -> int:
@@ -59,13 +58,8 @@ class ConvFactor(Factor):
             self._outer = OuterSum(self.rows, self.columns(), norm_route, self.input_side)
         return self._outer
 
-    def _materialised(self) -> Dense:
-        if self._dense is None:
-            self._dense = self.grouped()
-        return Dense(self._dense)
-
     def _form(self) -> Factor:
-        return self._materialised() if self.route is ConvRoute.GROUPED else self.outer()
+        return self.grouped if self.route is ConvRoute.GROUPED else self.outer()
 
     def groups(self, group_size: int) -> Factor:
         return self._form().groups(group_size)
@@ -173,11 +167,16 @@ def _weight_factor(
     )
     options = _options(module, padded)
 
+    def grouped(samples: slice) -> Tensor:
+        return _per_sample_weight_grads(
+            conv_input[samples], side[samples], tuple(module.weight.shape), options
+        )
+
     def make(route: ConvRoute) -> ConvFactor:
         return ConvFactor(
             rows,
             lambda: _unfold(unfolded, module, padded),
-            lambda: _per_sample_weight_grads(conv_input, side, tuple(module.weight.shape), options),
+            Blockwise(grouped, batch, conv_input.numel() + side.numel()),
             route,
             input_side,
         )
@@ -200,6 +199,8 @@ def _bias(grad: Tensor) -> Factor:
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 class ConvRule(Rule):
+    reads_outputs = False
+
     def supports(self, module: _ConvNd) -> bool:
         return module.groups == 1
 
@@ -216,6 +217,8 @@ class ConvRule(Rule):
 class ConvTransposeRule(Rule):
     """``y = conv_transpose(a, W)`` is the adjoint of ``conv(·, W)``: its weight gradient is that of a
     convolution from the output gradient to the input."""
+
+    reads_outputs = False
 
     def supports(self, module: _ConvNd) -> bool:
         return (

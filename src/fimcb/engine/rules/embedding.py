@@ -21,6 +21,8 @@ def embedding_factor(index: Tensor, grad: Tensor, num_rows: int, padding_idx: in
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
+    reads_outputs = False
+
     def supports(self, module: nn.Module) -> bool:
         return module.max_norm is None and not module.scale_grad_by_freq
 

@@ -24,6 +24,8 @@ def linear_factors(inputs: Tensor, grad: Tensor, weight: str | None, bias: str |
 
 @register_rule(nn.Linear)
 class LinearRule(Rule):
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         module = call.module
         return linear_factors(

@@ -30,6 +30,8 @@ def _affine(
 
 @register_rule(nn.LayerNorm)
 class LayerNormRule(Rule):
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         module, grad = call.module, call.grads[0]
         x_hat = F.layer_norm(call.args[0], module.normalized_shape, eps=module.eps)
@@ -39,6 +41,8 @@ class LayerNormRule(Rule):
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(Rule):
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         module, grad = call.module, call.grads[0]
         x_hat = F.group_norm(call.args[0], module.num_groups, eps=module.eps)
@@ -47,6 +51,8 @@ class GroupNormRule(Rule):
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         module, grad, x = call.module, call.grads[0], call.args[0]
         check_batchnorm(module)

@@ -19,6 +19,8 @@ from fimcb.engine.rules.linear import linear_factors
 class HFConv1DRule(Rule):
     """``y = x W + b`` with ``W`` ``[in, out]`` (GPT-2's transposed linear layer): ``∇W = Σ_t a_t g_tᵀ``."""
 
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         x, grad = call.args[0], call.grads[0]
         batch = grad.shape[0]
@@ -34,6 +36,8 @@ class HFConv1DRule(Rule):
 @register_rule("zuko.nn.MaskedLinear")
 class MaskedLinearRule(Rule):
     """``y = x (W ⊙ M)ᵀ + b``: the linear layer's factors, the weight's masked by the adjacency ``M``."""
+
+    reads_outputs = False
 
     def factors(self, call: Call) -> dict[str, Factor]:
         module = call.module
@@ -58,6 +62,8 @@ def _rms_factors(module: Any, x: Tensor, grad: Tensor, eps: float, dtype: torch.
 
 @register_rule(nn.RMSNorm)
 class RMSNormRule(Rule):
+    reads_outputs = False
+
     def supports(self, module: Any) -> bool:
         return module.weight is not None
 
@@ -69,6 +75,8 @@ class RMSNormRule(Rule):
 
 @register_rule("transformers.models.llama.modeling_llama.LlamaRMSNorm")
 class LlamaRMSNormRule(Rule):
+    reads_outputs = False
+
     def factors(self, call: Call) -> dict[str, Factor]:
         module = call.module  # statistics in float32 whatever the input's dtype, as the layer computes them
         return _rms_factors(module, call.args[0], call.grads[0], module.variance_epsilon, torch.float32)
