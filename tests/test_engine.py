@@ -28,9 +28,11 @@ from toy_models import (
     naive_layer_norms,
 )
 
+import fimcb.engine.rules.conv as conv_rules
 from fimcb import ModelProtocolError, per_sample_layer_norms
 from fimcb.engine.factors import Dense, Factor, IndexSum, OuterSum
 from fimcb.engine.rules import RULES, Call, Rule, register_rule
+from fimcb.engine.rules.conv import ConvRoute
 from fimcb.engine.rules.norm import SamplesInteractError
 from fimcb.metrics import Diagonal, Identity, Metric
 from fimcb.models import Glow
@@ -398,3 +400,32 @@ def test_a_wrong_rule_is_caught_by_the_self_check_and_its_parameters_fall_back(
         assert "torch.func fallback for gate." in caplog.text and "do not add up" in caplog.text
     finally:
         RULES.pop(Gate)
+
+
+@pytest.mark.parametrize("route", list(ConvRoute))
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_every_conv_route_serves_diagonal_metrics_and_groups(
+    route: ConvRoute, group_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each way of norming a convolution (ghost, unfolded, grouped in blocks), forced, with a diagonal metric
+    and groups: the weighted naive gradients."""
+    monkeypatch.setattr(conv_rules, "_fastest", lambda key, shape, make, ghost: make(route))
+    model, x = next((m, x) for name, m, x in _cases() if name == "conv")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.rand_like(p) + 0.1 for n, p in params.items()}
+    for metric, weight in ((Diagonal(fisher, damping=0.01), fisher), (Identity(), None)):
+        expected = []
+        for start in range(0, len(x) - len(x) % group_size, group_size):
+            ll = model.eval().log_likelihood(x[start : start + group_size]).sum()
+            grads = torch.autograd.grad(ll, list(params.values()))
+            expected.append(
+                torch.stack(
+                    [
+                        (g.pow(2) / (weight[n] + 0.01) if weight else g.pow(2)).sum()
+                        for n, g in zip(params, grads, strict=True)
+                    ]
+                )
+            )
+        for _ in range(3):  # checked, then lighter, then streamed
+            norms = per_sample_layer_norms(model, x, metric=metric, engine="hooks", group_size=group_size)
+            torch.testing.assert_close(norms.values, torch.stack(expected), rtol=1e-4, atol=1e-7)

@@ -4,10 +4,14 @@ not held beyond what the model's own backward holds."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
 import weakref
 
 import pytest
 import torch
+from ecosystem_models import LIBRARIES, PATTERNS
 from torch import Tensor, nn
 from toy_models import naive_layer_norms
 
@@ -174,3 +178,67 @@ def test_a_graph_that_changes_between_batches_is_walked_again(monkeypatch: pytes
             got = per_sample_layer_norms(model, x, engine="hooks").values
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
         assert len(walks) == walked
+
+
+class ViewThenInPlace(nn.Module):
+    """``nn.Linear`` on ``[B, T, d]`` returns a view of its result; the model then changes it in place (from
+    the first batch, or from when ``later`` is set), which cuts the view's own node off the graph."""
+
+    def __init__(self, first_in_place: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.in_place = first_in_place
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h = self.a(x)
+        if self.in_place:
+            h *= 2.0
+            h.relu_()
+        else:
+            h = 2.0 * torch.relu(h)
+        return -self.b(h).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("from_the_start", [True, False])
+def test_an_in_place_change_of_a_layers_view_output_keeps_its_gradient(
+    from_the_start: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(4)
+    model = ViewThenInPlace(from_the_start).double()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    with caplog.at_level(logging.INFO, logger="fimcb"):
+        for _ in range(FIRST_STREAMED):
+            torch.testing.assert_close(per_sample_layer_norms(model, x, engine="hooks").values, want)
+        model.in_place = True
+        for _ in range(2):
+            got = per_sample_layer_norms(model, x, engine="hooks").values
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert "fallback" not in caplog.text, caplog.text
+
+
+def test_a_frozen_bias_beside_a_trained_weight() -> None:
+    torch.manual_seed(5)
+    model = Branchy().double()
+    model.head.bias.requires_grad_(False)
+    model.a.weight.requires_grad_(False)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    for _ in range(FIRST_STREAMED + 1):
+        got = per_sample_layer_norms(model, x, engine="hooks").values
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list({**PATTERNS, **LIBRARIES}))
+def test_every_ecosystem_model_streamed_matches_the_naive_loop(name: str) -> None:
+    case = {**PATTERNS, **LIBRARIES}[name]
+    if case.library is not None and importlib.util.find_spec(case.library) is None:
+        if os.environ.get("FIMCB_REQUIRE_EXTRAS"):
+            pytest.fail(f"{case.library} is not installed (pip install -e '.[test]')")
+        pytest.skip(f"{case.library} is not installed")
+    model, x = case.build(torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    for _ in range(FIRST_STREAMED + 1):
+        got = per_sample_layer_norms(model, x, engine="hooks").values
+        scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
+        assert float(((got - want).abs() / scale).max()) <= 1e-10

@@ -103,6 +103,7 @@ class _Plan:
     unrolled: list[tuple[nn.Module, Unrolled]] = field(default_factory=list)  # run unrolled, unhooked
     stream: bool = True  # whether later batches reduce layers during the backward (:class:`_Stream`)
     asked: frozenset[nn.Module] | None = None  # streamed layers autograd must be asked for (a walk finds)
+    unstreamed: set[nn.Module] = field(default_factory=set)  # layers whose reduction failed in the backward
 
     @staticmethod
     def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
@@ -157,8 +158,9 @@ class _ModuleCall:
     input_rows: Callable[[Any], int | None]  # rows per sample of an input (``None``: shared)
     expanded: bool = False  # called on unit-batch inputs, its outputs expanded to the batch
     grads: list[Tensor | None] = field(default_factory=list)
-    # Where the outputs' gradients enter the graph. Where the rule never reads the outputs, they are not
-    # held: ``outputs`` are then zero-stride stand-ins with their shapes.
+    # Where the outputs' gradients enter the graph (:func:`_edge`). On the untracked path, where the rule
+    # never reads the outputs and the edges are safe, the outputs are not held: ``outputs`` are then
+    # zero-stride stand-ins with their shapes.
     edges: list[GradientEdge] = field(default_factory=list)
     streamed: bool = False  # its output's gradient arrives by a hook during the backward (:class:`_Stream`)
     reduced: bool = False  # and its parameters were reduced there (else they are served after it)
@@ -291,13 +293,16 @@ class _Forward:
         if not outputs:
             return None
         state, batch = self.state, self.batch
-        # Gradients are asked for at the outputs' edges, which later in-place changes of the outputs do not
-        # move; the outputs themselves are kept, and protected, only for a rule that reads their values.
+        # Gradients are asked for at the outputs' edges (:func:`_edge`), which later in-place changes of the
+        # outputs do not cut off; the outputs are kept, and protected from such changes, only where the
+        # rule reads their values or an edge is not safe.
         reads = self.plan.rules[module].reads_outputs
         expanded = False
         if not self.tracked and all(t.ndim and t.shape[0] == batch for t in outputs):  # the common case
-            positions, edges = _positions(output, outputs), [get_gradient_edge(t) for t in outputs]
-            if reads:
+            positions = _positions(output, outputs)
+            edges, safe = zip(*(_edge(t) for t in outputs), strict=True)
+            protect = reads or not all(safe)
+            if protect:
                 state.versions.extend((t, t._version) for t in outputs)
             else:  # not held: they go when the model is done with them, as in a plain forward
                 outputs = [t.new_zeros(()).expand(t.shape) for t in outputs]
@@ -312,10 +317,10 @@ class _Forward:
                     [1] * len(outputs),
                     [None] * len(outputs),
                     self.input_rows,
-                    edges=edges,
+                    edges=list(edges),
                 )
             )
-            return self._copies(output, outputs) if reads and self.plan.copy_outputs else None
+            return self._copies(output, outputs) if protect and self.plan.copy_outputs else None
         if self.tracked:
             from_data = any(state.kind(t) is Kind.BATCHED for t in tensors_in((args, kwargs)))
             rows = [self._output_rows(t, from_data) for t in outputs]
@@ -328,6 +333,8 @@ class _Forward:
                 output, outputs = _expand_outputs(output, outputs, batch)
             rows = [1] * len(outputs)
         index = len(self.calls)
+        edges, safe = zip(*(_edge(t) for t in outputs), strict=True)
+        protect = reads or not all(safe)
         sources: list[int | None] = []
         shared: dict[int, Tensor] = {}
         for j, (t, r) in enumerate(zip(outputs, rows, strict=True)):
@@ -341,7 +348,7 @@ class _Forward:
             else:
                 state.label(t, Kind.BATCHED)
                 sources.append(None)
-                if reads:
+                if protect:
                     state.versions.append((t, t._version))
         self.calls.append(
             _ModuleCall(
@@ -355,13 +362,13 @@ class _Forward:
                 sources,
                 self.input_rows,
                 expanded,
-                edges=[get_gradient_edge(t) for t in outputs],
+                edges=list(edges),
             )
         )
         if shared:
             flat, spec = tree_flatten(output)
             output = tree_unflatten([shared.get(id(t), t) for t in flat], spec)
-        if not (self.plan.copy_outputs and (reads or None in rows)):
+        if not (self.plan.copy_outputs and (protect or None in rows)):
             return output if expanded or shared else None
         return self._copies(output, outputs)
 
@@ -391,9 +398,10 @@ def capture(request: NormRequest, x: Tensor, reduce: Reduce | None = None) -> Ca
 
     A model's first batch runs under the batch tracker and is verified against autograd; models that
     turn out to need neither the tracker nor copies of their layers' outputs run without them after.
-    With ``reduce``, those later batches reduce the parameters of every layer called once to what
-    ``reduce`` makes of them while the backward pass runs (:class:`_Stream`): the caller gets those in
-    :attr:`Capture.norms` instead of factors, and the memory stays that of a plain backward.
+    With ``reduce``, those later batches reduce the parameters of the layers :class:`_Stream` selects
+    (called once, large enough) to what ``reduce`` makes of them while the backward pass runs: the
+    caller gets those in :attr:`Capture.norms` instead of factors, and the memory stays near that of
+    a plain backward.
     """
     model, params = request.model, request.params
     plan = plan_for(model, params)
@@ -436,6 +444,20 @@ def _input_rows(state: TrackerState, batch: int, tracked: bool, t: Any) -> int |
     if tracked:
         return state.rows(t)
     return 1 if t.ndim and t.shape[0] == batch else None
+
+
+def _edge(t: Tensor) -> tuple[GradientEdge, bool]:
+    """Where the gradient of a module output enters the graph, and whether a later in-place change of the
+    output leaves it there. A view's own node is cut off the graph by such a change (autograd reroutes the
+    gradient to its base), so a view that reshapes the whole of a tensor made in the graph (``nn.Linear``
+    on ``[B, T, d]`` returns one) is asked for at its base, the gradient reshaped; other views are not
+    safe."""
+    base = t._base
+    if base is None:
+        return get_gradient_edge(t), True
+    if base.grad_fn is not None and base.numel() == t.numel() and base.is_contiguous() and t.is_contiguous():
+        return get_gradient_edge(base), True
+    return get_gradient_edge(t), False
 
 
 def _positions(output: Any, outputs: list[Tensor]) -> list[int]:
@@ -498,17 +520,16 @@ class _Stream:
                 uses[name] += 1
         self.pending: dict[nn.Module, tuple[_ModuleCall, GradientEdge]] = {}
         for call in forward.calls:
-            edge = call.edges[0] if call.rows == [1] else None
             if (
-                edge is not None
-                and edge.node is not None  # not an output that is a leaf
+                call.rows == [1]
+                and call.module not in self.plan.unstreamed
                 and _held_bytes(call) >= STREAM_MIN_BYTES
                 and calls_of[call.module] == 1
                 and not call.expanded
                 and all(uses[n] == 1 and n not in self.plan.fallback for n in call.local.values())
             ):
                 call.streamed = True
-                self.pending[call.module] = call, edge
+                self.pending[call.module] = call, call.edges[0]
         self.handles = [
             edge.node.register_prehook(functools.partial(self._arrived, call.module, edge.output_nr))
             for call, edge in self.pending.values()
@@ -550,16 +571,17 @@ class _Stream:
     def _arrived(self, module: nn.Module, index: int, grads: tuple[Tensor | None, ...]) -> None:
         found = self.pending.pop(module, None)
         if found is not None:  # the node runs: no gradient for this output means zero
-            call, _ = found
-            grad = grads[index]
-            self._reduce(call, torch.zeros_like(call.outputs[0]) if grad is None else grad.detach())
+            self._reduce(found[0], grads[index])
 
-    def _reduce(self, call: _ModuleCall, grad: Tensor) -> None:
+    def _reduce(self, call: _ModuleCall, found: Tensor | None) -> None:
+        like = call.outputs[0]
+        grad = torch.zeros_like(like) if found is None else found.detach().reshape(like.shape)
         call.grads = [grad]
         try:
             factors = _by_rule(self.plan.rules[call.module], call, [grad], grad.shape[0])
             norms = {call.local[n]: self.reduce(call.local[n], f) for n, f in factors.items()}
         except Exception:  # served after the backward, by the rule again or module-local torch.func
+            self.plan.unstreamed.add(call.module)  # and from now on without trying here first
             return
         self.norms.update(norms)
         for name in norms:
@@ -567,15 +589,21 @@ class _Stream:
         call.reduced = True
         call.release()
 
+    def remove(self) -> None:
+        """Take the hooks off the graph's nodes."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
     def finish(self, grads: Sequence[Tensor | None]) -> None:
         """Reduce the asked-for calls by the gradients autograd returned (``None``: off the graph, zero).
         A call whose node did not run although the plan did not ask for it means the graph changed:
-        :class:`_Regraph` (after a fresh walk, which cannot miss one, the model stops streaming)."""
-        for handle in self.handles:
-            handle.remove()
+        :class:`_Regraph`. After a fresh walk of this very graph that cannot happen; should it, the model
+        stops streaming rather than loop."""
+        self.remove()
         for call, grad in zip(self.asked, grads, strict=True):
             if self.pending.pop(call.module, None) is not None:
-                self._reduce(call, torch.zeros_like(call.outputs[0]) if grad is None else grad.detach())
+                self._reduce(call, grad)
         if self.pending:
             self.plan.asked = None
             if self.walked:
@@ -612,18 +640,22 @@ def _capture(
     wanted: list[Tensor | GradientEdge] = [*targets, *op_targets]
     extra = stream.ask(total, wanted) if stream is not None else []
     wanted += params.values() if verify else []
-    found_grads = (  # nothing to capture when every parameter has fallen back
-        list(
-            torch.autograd.grad(
-                total,
-                [*wanted, *extra],  # type: ignore[arg-type]  # tensors and edges mixed: autograd takes both
-                allow_unused=True,
-                retain_graph=verify and bool(state.sources),
+    try:
+        found_grads = (  # nothing to capture when every parameter has fallen back
+            list(
+                torch.autograd.grad(
+                    total,
+                    [*wanted, *extra],  # type: ignore[arg-type]  # tensors and edges mixed: autograd takes both
+                    allow_unused=True,
+                    retain_graph=verify and bool(state.sources),
+                )
             )
+            if wanted or extra
+            else []
         )
-        if wanted or extra
-        else []
-    )
+    finally:  # the hooks hold the calls' inputs for as long as the graph lives
+        if stream is not None:
+            stream.remove()
     if stream is not None:
         stream.finish(found_grads[len(wanted) :])
         del found_grads[len(wanted) :]
@@ -638,8 +670,9 @@ def _capture(
         if c.streamed:
             continue
         c.grads = []
-        for r in c.rows:
-            c.grads.append(received[position] if r is not None else None)
+        for t, r in zip(c.outputs, c.rows, strict=True):
+            g = received[position] if r is not None else None
+            c.grads.append(None if g is None else g.reshape(t.shape))  # an edge at a view's base
             position += r is not None
     found: dict[str, list[Factor]] = defaultdict(list)
     failed: dict[str, str] = {}
@@ -892,7 +925,7 @@ def _by_rule(rule: Rule | None, call: _ModuleCall, grads: list[Tensor], batch: i
         kwargs = {k: _detached(v) for k, v in call.kwargs.items()}
         presented = Call(call.module, args, kwargs, [t.detach() for t in call.outputs], grads)
     with torch.no_grad():  # rules compute from captured tensors: nothing of theirs needs a graph
-        factors = rule.factors(presented)
+        factors = {n: f for n, f in rule.factors(presented).items() if n in call.local}  # frozen: not asked
     rows = call.rows[0] or 1
     return {n: f.groups(rows) for n, f in factors.items()} if rows > 1 else factors
 

@@ -314,7 +314,9 @@ class Blockwise(Factor):
 
     make: Callable[[slice], Tensor]
     n_samples: int
+    shape: torch.Size  # of one sample's gradient
     held: int
+    like: Tensor  # any tensor of the gradients' dtype and device
     group_size: int = 1
 
     @property
@@ -323,27 +325,30 @@ class Blockwise(Factor):
 
     @property
     def device(self) -> torch.device:
-        return self.make(slice(0, 0)).device
+        return self.like.device
 
     def footprint(self) -> int:
         return self.held
 
     def groups(self, group_size: int) -> Blockwise:
-        return Blockwise(self.make, self.n_samples, self.held, self.group_size * group_size)
+        return Blockwise(
+            self.make, self.n_samples, self.shape, self.held, self.like, self.group_size * group_size
+        )
 
     def dense(self, rows: slice) -> Tensor:
-        start, stop, _ = rows.indices(self.n_groups)
+        start, stop, step = rows.indices(self.n_groups)
         k, n = self.group_size, max(0, stop - start)
+        if step != 1:
+            raise ValueError("Blockwise gradients are read in contiguous blocks")
+        if n == 0:
+            return self.like.new_zeros(0, *self.shape)
         grads = self.make(slice(start * k, (start + n) * k))
         return grads.reshape(n, k, *grads.shape[1:]).sum(1) if k > 1 else grads
 
-    def _blocks(self) -> list[slice]:
-        step = self.step(self.dense(slice(0, 1)).numel()) if self.n_groups else 1
-        return [slice(s, s + step) for s in range(0, self.n_groups, step)]
-
     def _per_block(self, norms: Callable[[Tensor], Tensor]) -> Tensor:
-        parts = [norms(self.dense(rows)) for rows in self._blocks()]
-        return torch.cat(parts) if parts else self.dense(slice(0, 0)).new_zeros(0)
+        step = self.step(self.shape.numel())
+        parts = [norms(self.dense(slice(s, s + step))) for s in range(0, self.n_groups, step)]
+        return torch.cat(parts) if parts else self.like.new_zeros(0)
 
     def ghost_norms(self) -> Tensor:
         return self._per_block(squared_row_norms)
@@ -362,6 +367,9 @@ class Masked(Factor):
     @property
     def n_groups(self) -> int:
         return self.inner.n_groups
+
+    def footprint(self) -> int:
+        return self.inner.footprint()
 
     @property
     def device(self) -> torch.device:
@@ -397,6 +405,9 @@ class Sum(Factor):
     @property
     def n_groups(self) -> int:
         return self.parts[0].n_groups
+
+    def footprint(self) -> int:
+        return sum(p.footprint() for p in self.parts)
 
     @property
     def device(self) -> torch.device:
@@ -487,6 +498,9 @@ class _Lazy(Factor):
     @property
     def n_groups(self) -> int:
         return self.inner.n_groups
+
+    def footprint(self) -> int:
+        return self.inner.footprint()
 
     @property
     def device(self) -> torch.device:

@@ -76,6 +76,9 @@ class ConvFactor(Factor):
     def diagonal_norms(self, weights: Tensor) -> Tensor | None:
         return self._form().diagonal_norms(weights)
 
+    def footprint(self) -> int:
+        return self._form().footprint()
+
     @property
     def concatenates(self) -> bool:  # type: ignore[override]
         return self.route is not ConvRoute.GROUPED
@@ -176,7 +179,7 @@ def _weight_factor(
         return ConvFactor(
             rows,
             lambda: _unfold(unfolded, module, padded),
-            Blockwise(grouped, batch, conv_input.numel() + side.numel()),
+            Blockwise(grouped, batch, module.weight.shape, conv_input.numel() + side.numel(), side),
             route,
             input_side,
         )
