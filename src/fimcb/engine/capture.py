@@ -159,8 +159,8 @@ class _ModuleCall:
     expanded: bool = False  # called on unit-batch inputs, its outputs expanded to the batch
     grads: list[Tensor | None] = field(default_factory=list)
     # Where the outputs' gradients enter the graph (:func:`_edge`). On the untracked path, where the rule
-    # never reads the outputs and the edges are safe, the outputs are not held: ``outputs`` are then
-    # zero-stride stand-ins with their shapes.
+    # never reads the outputs and the edges are safe, large outputs are not held: ``outputs`` holds
+    # zero-stride stand-ins with their shapes instead.
     edges: list[GradientEdge] = field(default_factory=list)
     streamed: bool = False  # its output's gradient arrives by a hook during the backward (:class:`_Stream`)
     reduced: bool = False  # and its parameters were reduced there (else they are served after it)
@@ -217,6 +217,7 @@ class _Forward:
             plan.fixed if light else frozenset(),
         )
         self.calls: list[_ModuleCall] = []
+        self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         # what a call needs of this pass, without a reference back to it (no cycle keeps tensors alive)
         self.input_rows = functools.partial(_input_rows, self.state, batch, tracked)
         if tracked:
@@ -304,8 +305,8 @@ class _Forward:
             protect = reads or not all(safe)
             if protect:
                 state.versions.extend((t, t._version) for t in outputs)
-            else:  # not held: they go when the model is done with them, as in a plain forward
-                outputs = [t.new_zeros(()).expand(t.shape) for t in outputs]
+            else:  # large ones not held: they go when the model is done with them, as in a plain forward
+                outputs = [self._stand_in(t) if t.nbytes >= STREAM_MIN_BYTES else t for t in outputs]
             self.calls.append(
                 _ModuleCall(
                     module,
@@ -371,6 +372,14 @@ class _Forward:
         if not (self.plan.copy_outputs and (protect or None in rows)):
             return output if expanded or shared else None
         return self._copies(output, outputs)
+
+    def _stand_in(self, t: Tensor) -> Tensor:
+        """A zero-stride tensor shaped like ``t``, of its dtype and device, holding no memory of ``t``'s."""
+        key = (t.dtype, t.device)
+        zero = self._zeros.get(key)
+        if zero is None:
+            zero = self._zeros[key] = t.new_zeros(())
+        return zero.expand(t.shape)
 
     def _copies(self, output: Any, outputs: list[Tensor]) -> Any:
         """The output with the captured tensors copied (labelled like them), for the rest of the model."""
@@ -462,6 +471,8 @@ def _edge(t: Tensor) -> tuple[GradientEdge, bool]:
 
 def _positions(output: Any, outputs: list[Tensor]) -> list[int]:
     """Where each of ``outputs`` is among the leaves of the module's ``output``."""
+    if isinstance(output, Tensor):
+        return [0]
     flat = tree_flatten(output)[0]
     return [next(i for i, t in enumerate(flat) if t is o) for o in outputs]
 
@@ -482,15 +493,21 @@ class _InPlace(Exception):
     """A captured output was modified in place later in the forward pass."""
 
 
-#: A layer whose captured inputs and output gradient hold less than this is reduced after the backward:
-#: reducing during it costs a hook and an interruption per layer, worth it only for what it frees.
+#: A layer whose captured inputs and output gradient hold less than this is reduced after the backward,
+#: and an output smaller than this is held (a stand-in costs more than it frees): reducing during the
+#: backward costs a hook and an interruption per layer, worth it only for what it frees.
 STREAM_MIN_BYTES = 1 << 20
 
 
 def _held_bytes(call: _ModuleCall) -> int:
     """What a call's capture holds until its layer is reduced: its tensor inputs and output gradients."""
-    inputs = [t for t in tree_flatten((call.args, call.kwargs))[0] if isinstance(t, Tensor)]
-    return sum(t.numel() * t.element_size() for t in (*inputs, *call.outputs))
+    held = sum(t.nbytes for t in call.outputs)  # the size of the gradients, whether or not outputs are held
+    for value in (*call.args, *call.kwargs.values()):
+        if isinstance(value, Tensor):
+            held += value.nbytes
+        elif isinstance(value, list | tuple | dict):
+            held += sum(t.nbytes for t in tree_flatten(value)[0] if isinstance(t, Tensor))
+    return held
 
 
 class _Regraph(Exception):
@@ -522,11 +539,11 @@ class _Stream:
         for call in forward.calls:
             if (
                 call.rows == [1]
-                and call.module not in self.plan.unstreamed
-                and _held_bytes(call) >= STREAM_MIN_BYTES
                 and calls_of[call.module] == 1
                 and not call.expanded
+                and call.module not in self.plan.unstreamed
                 and all(uses[n] == 1 and n not in self.plan.fallback for n in call.local.values())
+                and _held_bytes(call) >= STREAM_MIN_BYTES
             ):
                 call.streamed = True
                 self.pending[call.module] = call, call.edges[0]

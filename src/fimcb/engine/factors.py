@@ -423,13 +423,19 @@ class Sum(Factor):
         return out
 
     def ghost_norms(self) -> Tensor | None:
+        # The cross terms first: a part without ghost inner products (a materialised one) says so at once,
+        # before any part's own norms are computed for nothing.
         total: Tensor | None = None
-        terms = [(1, p.ghost_norms()) for p in self.parts]
-        terms += [(2, a.ghost_inner(b)) for a, b in itertools.combinations(self.parts, 2)]
-        for weight, term in terms:
-            if term is None:
+        for a, b in itertools.combinations(self.parts, 2):
+            inner = a.ghost_inner(b)
+            if inner is None:
                 return None
-            total = weight * term if total is None else total + weight * term
+            total = 2 * inner if total is None else total + 2 * inner
+        for part in self.parts:
+            norms = part.ghost_norms()
+            if norms is None:
+                return None
+            total = norms if total is None else total + norms
         return total
 
 
