@@ -355,6 +355,8 @@ def test_factor_gaussian_finds_the_number_of_shared_factors(n_factors: int) -> N
     detector = FactorGaussian().fit(_norms(_factors(1500, n_factors)))
     # cross-validation may keep one factor of noise more, never one factor less
     assert n_factors <= detector.rank <= n_factors + (n_factors > 1)
+    with pytest.raises(AttributeError, match=r"not a shrinkage: read \.rank"):
+        detector.fitted_shrinkage  # noqa: B018  # inherited from the full Gaussian, meaningless here
 
 
 def test_factor_gaussian_equals_sklearn_factor_analysis() -> None:

@@ -190,6 +190,11 @@ class FactorGaussian(FullGaussian):
         """The number of shared factors the fit chose."""
         return int(self.state["rank"])
 
+    @property
+    def fitted_shrinkage(self) -> float:
+        """Not defined: a factor model regularises by its number of factors (:attr:`rank`)."""
+        raise AttributeError(f"{self.name} fits shared factors, not a shrinkage: read .rank")
+
 
 class FactorGaussianWithLikelihood(WithLikelihood, FactorGaussian):
     """:class:`FactorGaussian` with the log-likelihood as one more feature."""
