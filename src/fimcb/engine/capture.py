@@ -501,13 +501,7 @@ STREAM_MIN_BYTES = 1 << 20
 
 def _held_bytes(call: _ModuleCall) -> int:
     """What a call's capture holds until its layer is reduced: its tensor inputs and output gradients."""
-    held = sum(t.nbytes for t in call.outputs)  # the size of the gradients, whether or not outputs are held
-    for value in (*call.args, *call.kwargs.values()):
-        if isinstance(value, Tensor):
-            held += value.nbytes
-        elif isinstance(value, list | tuple | dict):
-            held += sum(t.nbytes for t in tree_flatten(value)[0] if isinstance(t, Tensor))
-    return held
+    return sum(t.nbytes for t in (*call.outputs, *tensors_in((call.args, call.kwargs))))
 
 
 class _Regraph(Exception):
@@ -617,7 +611,6 @@ class _Stream:
         A call whose node did not run although the plan did not ask for it means the graph changed:
         :class:`_Regraph`. After a fresh walk of this very graph that cannot happen; should it, the model
         stops streaming rather than loop."""
-        self.remove()
         for call, grad in zip(self.asked, grads, strict=True):
             if self.pending.pop(call.module, None) is not None:
                 self._reduce(call, grad)
