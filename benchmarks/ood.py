@@ -105,11 +105,11 @@ def shift_loaders(
     first ``per_draw`` images of validation draw d (``val`` rows ``[d·rows, (d+1)·rows)``, the rows
     ``draw`` gives the detectors), so that a shift of draw d holds no image of another draw."""
     loaders = {}
+    parts = [torch.arange(d * rows, d * rows + min(per_draw, rows)) for d in range(draws)]
+    index = torch.cat(parts)
     for name, shift in SHIFTS.items():
         generator = torch.Generator().manual_seed(sum(map(ord, name)))
-        parts = [torch.arange(d * rows, d * rows + min(per_draw, rows)) for d in range(draws)]
-        images = torch.cat([shift(val.images[index], generator) for index in parts])
-        index = torch.cat(parts)
+        images = torch.cat([shift(val.images[rows_of_draw], generator) for rows_of_draw in parts])
         split = ImageSplit(images, val.targets[index], val.num_levels, torch.full((len(index),), -1))
         loaders[SHIFT_PREFIX + name] = DataLoader(split, batch_size=batch_size)
     return loaders

@@ -529,7 +529,7 @@ class _Stream:
             calls_of[call.module] += 1
             for name in call.local.values():
                 uses[name] += 1
-        self.pending: dict[nn.Module, tuple[_ModuleCall, GradientEdge]] = {}
+        self.pending: dict[nn.Module, _ModuleCall] = {}
         for call in forward.calls:
             if (
                 call.rows == [1]
@@ -540,10 +540,12 @@ class _Stream:
                 and _held_bytes(call) >= STREAM_MIN_BYTES
             ):
                 call.streamed = True
-                self.pending[call.module] = call, call.edges[0]
+                self.pending[call.module] = call
         self.handles = [
-            edge.node.register_prehook(functools.partial(self._arrived, call.module, edge.output_nr))
-            for call, edge in self.pending.values()
+            call.edges[0].node.register_prehook(
+                functools.partial(self._arrived, call.module, call.edges[0].output_nr)
+            )
+            for call in self.pending.values()
         ]
         self.asked: list[_ModuleCall] = []
         self.walked = False
@@ -555,13 +557,13 @@ class _Stream:
         nothing there), and the plan keeps the layers for the next batches (:meth:`finish` checks them)."""
         if self.plan.asked is None:
             self.plan.asked, self.walked = self._walk(total, wanted), True
-        self.asked = [call for module, (call, _) in self.pending.items() if module in self.plan.asked]
+        self.asked = [call for module, call in self.pending.items() if module in self.plan.asked]
         return [call.edges[0] for call in self.asked]
 
     def _walk(self, total: Tensor, wanted: list[Tensor | GradientEdge]) -> frozenset[nn.Module]:
         at: dict[Node, list[nn.Module]] = defaultdict(list)
-        for module, (_, edge) in self.pending.items():
-            at[edge.node].append(module)
+        for module, call in self.pending.items():
+            at[call.edges[0].node].append(module)
         asked = {w.grad_fn if isinstance(w, Tensor) else w.node for w in wanted}
         runs: dict[Node, bool] = {}
         stack: list[tuple[Node, bool]] = [(total.grad_fn, False)] if total.grad_fn is not None else []
@@ -580,9 +582,9 @@ class _Stream:
         return frozenset(m for node, modules in at.items() if not runs.get(node, False) for m in modules)
 
     def _arrived(self, module: nn.Module, index: int, grads: tuple[Tensor | None, ...]) -> None:
-        found = self.pending.pop(module, None)
-        if found is not None:  # the node runs: no gradient for this output means zero
-            self._reduce(found[0], grads[index])
+        call = self.pending.pop(module, None)
+        if call is not None:  # the node runs: no gradient for this output means zero
+            self._reduce(call, grads[index])
 
     def _reduce(self, call: _ModuleCall, found: Tensor | None) -> None:
         like = call.outputs[0]
