@@ -1,5 +1,6 @@
 """Recurrent layers unrolled for the capture: the same function as PyTorch's fused kernel, and exact
-per-sample gradients by op rules in every configuration (no per-sample loop)."""
+per-sample gradients by their linear parts in every configuration (no per-sample loop, no tracker
+after the first batch), by the tracker where a part runs on an unbatched input."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from toy_models import naive_layer_norms
 
 from fimcb import per_sample_layer_norms
-from fimcb.engine.capture import describe_routes
-from fimcb.engine.rules import unrolled_for
+from fimcb.engine.capture import _PLANS, Tracking, describe_routes
+from fimcb.engine.rules import Parts, recurrent, unrolled_for
 
 CONFIGS = [
     dict(mode=mode, batch_first=bf, bidirectional=bi, num_layers=layers, bias=bias, proj=proj)
@@ -44,8 +45,15 @@ def _initial(rnn: nn.RNNBase, batch: tuple[int, ...]) -> Tensor | tuple[Tensor, 
     return h
 
 
+@pytest.fixture(params=["kernel", "unrolled"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where it can, a layer runs as PyTorch's kernel fed its input part, else unrolled step by step."""
+    monkeypatch.setattr(recurrent, "FUSED_MAX_WORK", 1 << 40 if request.param == "kernel" else -1)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_the_unrolled_forward_computes_what_the_module_does(config: dict) -> None:
+def test_the_unrolled_forward_computes_what_the_module_does(config: dict, route: str) -> None:
     torch.manual_seed(0)
     rnn = _rnn(**config).double().eval()
     unrolled = unrolled_for(rnn)
@@ -57,7 +65,7 @@ def test_the_unrolled_forward_computes_what_the_module_does(config: dict) -> Non
         (batched[0] if config["batch_first"] else batched[:, 0], _initial(rnn, ())),  # unbatched
     ]:
         want = rnn(x, hx)
-        got = unrolled.forward(rnn, x, hx)
+        got = unrolled.forward(Parts(rnn), x, hx)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -89,13 +97,24 @@ class Sequences(nn.Module):
     "rnn",
     [
         nn.LSTM(3, 4),
+        nn.LSTM(3, 4, num_layers=2, bidirectional=True),
         nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2),
         nn.GRU(3, 4, num_layers=2, bidirectional=True),
         nn.RNN(3, 4, nonlinearity="relu", bias=False),
+        nn.RNN(3, 4, bidirectional=True),
     ],
-    ids=["lstm", "lstm-2-layers-bidirectional-projected", "gru-2-layers-bidirectional", "rnn-relu-no-bias"],
+    ids=[
+        "lstm",
+        "lstm-2-layers-bidirectional",
+        "lstm-2-layers-bidirectional-projected",
+        "gru-2-layers-bidirectional",
+        "rnn-relu-no-bias",
+        "rnn-tanh-bidirectional",
+    ],
 )
-def test_recurrent_layers_are_exact_by_op_rules(rnn: nn.RNNBase, caplog: pytest.LogCaptureFixture) -> None:
+def test_recurrent_layers_are_exact_by_their_linear_parts(
+    rnn: nn.RNNBase, route: str, caplog: pytest.LogCaptureFixture
+) -> None:
     torch.manual_seed(1)
     model = Sequences(rnn).double().eval()
     x = torch.randn(5, 6, 3, dtype=torch.float64)
@@ -107,9 +126,41 @@ def test_recurrent_layers_are_exact_by_op_rules(rnn: nn.RNNBase, caplog: pytest.
             assert float(((norms.values - want).abs() / scale).max()) <= 1e-10
             torch.testing.assert_close(norms.log_likelihood, want_ll, rtol=1e-12, atol=1e-12)
     assert "fallback" not in caplog.text and "one sample at a time" not in caplog.text
-    routes = describe_routes(model)
-    assert "op rule: " in routes and "rnn.weight_hh_l0" in routes.split("op rule: ")[1]
+    layers = sorted([f"{type(rnn).__name__}({len(list(rnn.parameters()))})", "Linear(2)"])
+    assert describe_routes(model) == f"rule: {', '.join(layers)}"
+    assert _PLANS[model].tracking is Tracking.NONE  # the parts need no tracker
     assert "forward" not in vars(model.rnn)  # its own forward is back
+
+
+class SharedPrompt(nn.Module):
+    """An LSTM run once on a learned unbatched prompt ``[T, in]`` (shared by all samples), its final state
+    shifting the inputs of a per-sample GRU: the LSTM's maps are not per sample, so they are left to the
+    tracker, which serves them where the shared state meets the samples (the pull-back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(4, 3))
+        self.encoder = nn.LSTM(3, 3)
+        self.decoder = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        _, (h, _) = self.encoder(self.prompt)  # h: [1, 3], unbatched
+        out, _ = self.decoder(x[:, :-1] + h)
+        return -0.5 * (x[:, 1:] - self.head(out)).pow(2).sum((1, 2))
+
+
+def test_a_recurrent_layer_on_an_unbatched_input_is_served_by_the_tracker() -> None:
+    torch.manual_seed(3)
+    model = SharedPrompt().double().eval()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    for _ in range(3):
+        norms = per_sample_layer_norms(model, x, engine="hooks")
+        assert float(((norms.values - want).abs() / want.abs().amax(1, keepdim=True)).max()) <= 1e-10
+    routes = describe_routes(model)
+    assert routes.startswith("rule: GRU(4), Linear(2); batched pull-back: ")
+    assert "encoder.weight_hh_l0" in routes
 
 
 class Packed(nn.Module):

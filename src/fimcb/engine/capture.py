@@ -29,7 +29,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,8 @@ from fimcb.core.protocol import check_log_likelihood_output
 from fimcb.engine.factors import MATERIALISE_BUDGET, Dense, Factor, Spanned
 from fimcb.engine.func import subset_gradients
 from fimcb.engine.local import per_sample_vjp
-from fimcb.engine.rules import Call, Rule, Unrolled, rule_for, rule_version, unrolled_for
+from fimcb.engine.rules import Call, Parts, Rule, Unrolled, rule_for, rule_version, unrolled_for
+from fimcb.engine.rules.linear import LinearPartsRule
 from fimcb.engine.rules.ops import LocalOpRule, OpCall
 from fimcb.engine.tracker import (
     BatchTracker,
@@ -55,6 +56,7 @@ from fimcb.engine.tracker import (
 from fimcb.engine.types import NormRequest
 
 log = logging.getLogger("fimcb")
+T = TypeVar("T")
 
 
 class Route(enum.Enum):
@@ -99,8 +101,8 @@ class _Plan:
     verified: bool = False
     fallback: dict[str, str] = field(default_factory=dict)  # parameter -> why it is served by torch.func
     routes: dict[str, set[Route]] = field(default_factory=lambda: defaultdict(set))
-    rules: dict[nn.Module, Rule] = field(default_factory=dict)  # the owners with a rule: hooked
-    unrolled: list[tuple[nn.Module, Unrolled]] = field(default_factory=list)  # run unrolled, unhooked
+    rules: dict[nn.Module, Rule] = field(default_factory=dict)  # the owners with a rule: hooked, but
+    unrolled: dict[nn.Module, Unrolled] = field(default_factory=dict)  # these run unrolled, unhooked
     stream: bool = True  # whether later batches reduce layers during the backward (:class:`_Stream`)
     asked: frozenset[nn.Module] | None = None  # streamed layers autograd must be asked for (a walk finds)
     unstreamed: set[nn.Module] = field(default_factory=set)  # layers whose reduction failed in the backward
@@ -122,7 +124,8 @@ class _Plan:
             # a module without a rule is not hooked: the tracker finds its parameters where they are used
             unrolled, rule = unrolled_for(module), rule_for(module)
             if unrolled is not None:
-                plan.unrolled.append((module, unrolled))
+                plan.unrolled[module] = unrolled
+                plan.rules[module] = _LINEAR_PARTS  # what its forward computes through :class:`Parts`
             elif rule is not None:
                 plan.rules[module] = rule
         plan.owners = owners
@@ -130,6 +133,7 @@ class _Plan:
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+_LINEAR_PARTS = LinearPartsRule()
 
 
 def plan_for(model: nn.Module, params: dict[str, nn.Parameter]) -> _Plan:
@@ -183,6 +187,58 @@ class _ModuleCall:
 
 
 @dataclass
+class _GatheredParts(Parts):
+    """The linear maps of an unrolled forward during a capture: every call on per-sample rows (``B`` of
+    them), and every fused kernel, runs with its parameters covered (the tracker leaves them to the
+    parts), and the calls of each map are recorded, once the forward is done, as one call of the linear
+    parts rule."""
+
+    def __init__(self, module: nn.Module, forward: _Forward) -> None:
+        super().__init__(module)
+        self.forward = forward
+        self.local = next(local for m, local, _ in forward.plan.owners if m is module)
+        self.calls: dict[tuple[str, str | None], tuple[list[Tensor], list[Tensor]]] = {}
+
+    def gathers(self, x: Tensor) -> bool:
+        return x.ndim >= 2 and x.shape[0] == self.forward.batch
+
+    def linear(self, x: Tensor, weight: str, bias: str | None = None) -> Tensor:
+        if not self.gathers(x):  # not per sample: the tracker serves it
+            return super().linear(x, weight, bias)
+        y = self.fused(lambda: super(_GatheredParts, self).linear(x, weight, bias), (weight, bias))
+        self.linear_into(x, y, weight, bias)
+        return y
+
+    def fused(self, run: Callable[[], T], names: Sequence[str | None]) -> T:
+        covered = self.forward.state.covered
+        keys = [id(getattr(self.module, n)) for n in names if n is not None]
+        for key in keys:
+            covered[key] = covered.get(key, 0) + 1
+        try:
+            return run()
+        finally:
+            for key in keys:
+                covered[key] -= 1
+
+    def linear_into(self, x: Tensor, output: Tensor, weight: str, bias: str | None = None) -> None:
+        inputs, outputs = self.calls.setdefault((weight, bias), ([], []))
+        inputs.append(x)
+        outputs.append(output)
+
+    def record(self) -> None:
+        """One recorded call per map, its inputs concatenated over the calls' positions."""
+        batch = self.forward.batch
+        for (weight, bias), (inputs, outputs) in self.calls.items():
+            local = {n: self.local[n] for n in (weight, bias) if n is not None and n in self.local}
+            if not local:  # frozen
+                continue
+            with torch.no_grad():
+                stacked = torch.cat([x.detach().reshape(batch, -1, x.shape[-1]) for x in inputs], 1)
+            self.forward._record(self.module, local, (stacked,), {"weight": weight, "bias": bias}, outputs)
+        self.calls.clear()
+
+
+@dataclass
 class Capture:
     """Per-sample factors of every trainable parameter of one batch (rows = samples).
 
@@ -226,18 +282,18 @@ class _Forward:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """Hooks on every owner of parameters that has a rule. A module with an unrolled forward runs it
-        instead of its own; it and a module without a rule are not hooked: their parameters are found
-        by the tracker like any used in plain torch code, and served by op rules (op-local
-        ``torch.func`` for an operation without one)."""
+        instead of its own, its linear maps recorded as parts (:class:`_GatheredParts`). A module without
+        a rule is not hooked: its parameters are found by the tracker like any used in plain torch code,
+        and served by op rules (op-local ``torch.func`` for an operation without one)."""
         handles = []
         unrolled = []
         try:
-            for module, forward in self.plan.unrolled:
+            for module, forward in self.plan.unrolled.items():
                 if "forward" not in vars(module):  # a forward the user set on the instance is what runs
-                    module.forward = functools.partial(forward.forward, module)
+                    module.forward = functools.partial(self._unrolled, module, forward)
                     unrolled.append(module)
             for module, local, own in self.plan.owners:
-                if module not in self.plan.rules:
+                if module not in self.plan.rules or module in self.plan.unrolled:
                     continue
                 if self.tracked:
                     handles.append(module.register_forward_pre_hook(self._make_enter(own)))
@@ -261,6 +317,12 @@ class _Forward:
             }
             return light_tracking(self.state, {m: names for m, names in free.items() if names})
         return contextlib.nullcontext()
+
+    def _unrolled(self, module: nn.Module, forward: Unrolled, *args: Any, **kwargs: Any) -> Any:
+        parts = _GatheredParts(module, self)
+        output = forward.forward(parts, *args, **kwargs)
+        parts.record()
+        return output
 
     def _make_enter(self, own: list[int]) -> Any:
         covered = self.state.covered
@@ -501,7 +563,8 @@ STREAM_MIN_BYTES = 1 << 20
 
 def _held_bytes(call: _ModuleCall) -> int:
     """What a call's capture holds until its layer is reduced: its tensor inputs and output gradients."""
-    return sum(t.nbytes for t in (*call.outputs, *tensors_in((call.args, call.kwargs))))
+    inputs = tensors_in(call.args) + (tensors_in(list(call.kwargs.values())) if call.kwargs else [])
+    return sum(t.nbytes for t in (*call.outputs, *inputs))
 
 
 class _Regraph(Exception):
@@ -805,7 +868,7 @@ def _pull_back(
     for w, f in items:  # scalars and vectors smaller than the batch: by a basis of their coordinates
         groups[state.sources_of(w), w.numel() <= batch].append((w, f))
     grads: dict[int, list[Factor]] = {i: [] for i in sorted(set().union(*(s for s, _ in groups)))}
-    for (sources, by_basis), group in groups.items():
+    for (sources, by_basis), group in _merge_small(groups, state.sources).items():
         order = sorted(sources)
         pull = _pull_back_by_basis if by_basis else _pull_back_per_sample
         try:
@@ -829,6 +892,35 @@ def _pull_back(
             forward.calls[key[0]].grads[key[1]] = (
                 sum(dense) if dense else torch.zeros(batch, *t.shape, dtype=t.dtype)
             )
+
+
+#: The most coordinates × source elements (the Jacobian's size) of pull-backs by basis merged into one.
+MERGE_JACOBIAN = 1 << 16
+
+
+def _merge_small(
+    groups: dict[tuple[frozenset[int], bool], list[tuple[Tensor, Factor]]], sources: list[Tensor]
+) -> dict[tuple[frozenset[int], bool], list[tuple[Tensor, Factor]]]:
+    """Pull-backs by basis merged while their Jacobian stays small (a flow's learned scales): one batched
+    backward pass instead of one each. Running through another operand's graph then costs a few more
+    cotangents, as many as that one has coordinates; a large source (a log-determinant's weight) keeps its
+    own pass."""
+    merged: dict[tuple[frozenset[int], bool], list[tuple[Tensor, Factor]]] = {}
+    open_key: tuple[frozenset[int], bool] | None = None
+    for key, group in groups.items():
+        if not key[1]:
+            merged[key] = group
+            continue
+        if open_key is not None:
+            union = open_key[0] | key[0]
+            coordinates = sum(w.numel() for w, _ in (*merged[open_key], *group))
+            if coordinates * sum(sources[i].numel() for i in union) <= MERGE_JACOBIAN:
+                merged[union, True] = [*merged.pop(open_key), *group]
+                open_key = (union, True)
+                continue
+        merged.setdefault(key, []).extend(group)
+        open_key = key
+    return merged
 
 
 def _pull_back_by_basis(
@@ -907,7 +999,8 @@ def _module_factors(forward: _Forward, found: dict[str, list[Factor]], failed: d
         rule = plan.rules.get(call.module)
         routes: list[tuple[Route, Callable[[Rule | None, _ModuleCall, list[Tensor], int], dict[str, Factor]]]]
         routes = [(Route.RULE, _by_rule)] if rule is not None and (call.shared or call.batched) else []
-        routes.append((Route.MODULE_LOCAL, _module_local))
+        if call.module not in plan.unrolled:  # an unrolled module's calls are parts, not calls of it
+            routes.append((Route.MODULE_LOCAL, _module_local))
         errors = []
         for route, compute in routes:
             try:

@@ -16,10 +16,11 @@ change ``forward``, so it needs its own rule.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fimcb.core.registry import register
@@ -69,6 +70,7 @@ RULES: dict[ModuleKey, Rule] = {}
 _VERSION = [0]  # bumped by every registration, so that cached plans are rebuilt
 R = TypeVar("R", bound=type[Rule])
 U = TypeVar("U", bound=type["Unrolled"])
+T = TypeVar("T")
 
 
 def qualified_name(module_type: type) -> str:
@@ -103,15 +105,45 @@ def register_rule(*module_types: ModuleKey, overwrite: bool = False) -> Callable
     return _registering(RULES, "a rule for", module_types, overwrite)
 
 
+class Parts:
+    """What an unrolled forward computes its linear maps by: ``y = x Wᵀ + b`` with the module's own
+    parameters, by local names. Outside a capture it is just that map. Inside one, the capture gathers
+    every call of a map on per-sample rows (each time step's) into one part, served by the linear rule
+    as one outer-product factor over the calls, with no batch tracker; a call on anything else (an
+    unbatched input) is left to the tracker, like a parameter used in plain torch code."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def linear(self, x: Tensor, weight: str, bias: str | None = None) -> Tensor:
+        """``x Wᵀ + b`` for the module's parameters named ``weight`` and ``bias`` (``None``: no bias)."""
+        return F.linear(x, getattr(self.module, weight), None if bias is None else getattr(self.module, bias))
+
+    def gathers(self, x: Tensor) -> bool:
+        """Whether maps of ``x`` are gathered into parts (its rows are the samples'): only then may a forward
+        use :meth:`fused` and :meth:`linear_into`."""
+        return True
+
+    def fused(self, run: Callable[[], T], names: Sequence[str | None]) -> T:
+        """``run()``: a fused kernel using the module's parameters ``names``, whose gradients come from the
+        parts the forward records by :meth:`linear_into` (the tracker leaves them alone)."""
+        return run()
+
+    def linear_into(self, x: Tensor, output: Tensor, weight: str, bias: str | None = None) -> None:
+        """Record a map ``x Wᵀ + b`` that a fused kernel added into ``output`` (same shape but for the last
+        dimension): its output gradient is ``output``'s. Outside a capture, nothing to record."""
+
+
 class Unrolled(ABC):
     """A module's forward written in torch operations the engine has rules for, used in its place while
     a batch is captured: for a layer whose fused kernel neither a rule nor ``vmap`` can see into (an
-    RNN), its parameters are then served by op rules like any parameter used in plain torch code. The
-    forward must compute what the module's own does (equal up to rounding) for every input."""
+    RNN). Its linear maps go through :class:`Parts`, which serves their parameters; any other use of a
+    parameter is served by op rules like one in plain torch code. The forward must compute what the
+    module's own does (equal up to rounding) for every input."""
 
     @abstractmethod
-    def forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-        """The module's output for these arguments."""
+    def forward(self, parts: Parts, *args: Any, **kwargs: Any) -> Any:
+        """The output of ``parts.module`` for these arguments."""
 
 
 UNROLLED: dict[ModuleKey, Unrolled] = {}
@@ -148,6 +180,7 @@ __all__ = [
     "RULES",
     "UNROLLED",
     "Call",
+    "Parts",
     "Rule",
     "Unrolled",
     "qualified_name",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fimcb.engine.factors import BiasSum, Factor, OuterSum
@@ -31,3 +32,17 @@ class LinearRule(Rule):
         return linear_factors(
             call.args[0], call.grads[0], "weight", "bias" if module.bias is not None else None
         )
+
+
+class LinearPartsRule(Rule):
+    """The rule of an unrolled forward's linear maps (:class:`~fimcb.engine.rules.Parts`): one map's calls
+    gathered into one, its inputs concatenated over the calls' positions (``call.args[0]``
+    ``[B, positions, in]``), one output per call, the names in ``call.kwargs``. Not registered for a
+    module type: the capture gives it the calls it gathers."""
+
+    reads_outputs = False
+
+    def factors(self, call: Call) -> dict[str, Factor]:
+        batch = call.grads[0].shape[0]
+        grad = torch.cat([g.reshape(batch, -1, g.shape[-1]) for g in call.grads], 1)
+        return linear_factors(call.args[0], grad, call.kwargs["weight"], call.kwargs["bias"])
