@@ -16,16 +16,15 @@ from torch import Tensor, nn
 
 from fimcb.core.checks import check_int
 from fimcb.core.metric import Metric, resolve_metric
-from fimcb.core.modes import eval_mode, grad_enabled
 from fimcb.core.protocol import (
     LogLikelihoodFn,
     ModelProtocolError,
     check_log_likelihood_output,
     resolve_log_likelihood,
 )
-from fimcb.engine.api import trainable_parameters
+from fimcb.engine.api import scoring
 from fimcb.engine.func import default_chunk_size, group_gradients
-from fimcb.engine.rules.norm import SamplesInteractError, check_samples_independent
+from fimcb.engine.rules.norm import SamplesInteractError
 from fimcb.engine.types import NormRequest
 
 log = logging.getLogger("fimcb")
@@ -69,12 +68,10 @@ def input_saliency(
         raise RuntimeError(
             f"the {resolved.name} metric is not fitted: call metric.fit(model, data) before input_saliency"
         )
-    params = trainable_parameters(model)
-    request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolved)
-    chunk = chunk_size or default_chunk_size(params)
-    device = next(iter(params.values())).device
-    with eval_mode(model), grad_enabled():
-        check_samples_independent(model)
+    with scoring(model) as params:
+        request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolved)
+        chunk = chunk_size or default_chunk_size(params)
+        device = next(iter(params.values())).device
         xs = (x.clone() if x.is_inference() else x).detach().to(device)
         saliency = _run(engine, request, xs, chunk).detach()
     if not saliency.any():

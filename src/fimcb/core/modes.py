@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each one's own flag afterwards."""
-    training = [m for m in model.modules() if m.training]  # only these need switching back
+def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards (``modules``: the
+    model's, where the caller has them at hand)."""
+    training = [m for m in (model.modules() if modules is None else modules) if m.training]
     if training:
         model.eval()  # through train(False), so that modules overriding train() see it
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -63,12 +64,37 @@ _AUTO_CHOICE: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDiction
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameters that require grad, by name; shared parameters appear once, as in ``named_parameters``."""
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return _trainable(model, list(model.named_modules()))
+
+
+def _trainable(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> dict[str, nn.Parameter]:
+    seen: set[int] = set()
+    params = {}
+    for prefix, module in modules:
+        for name, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                params[f"{prefix}.{name}" if prefix else name] = p
     if not params:
         raise ModelProtocolError(
             f"{type(model).__name__} has no parameter that requires grad: nothing to score"
         )
     return params
+
+
+@contextlib.contextmanager
+def scoring(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
+    """What every per-sample computation runs under: the model's trainable parameters by name, the model in
+    eval mode (each module's flag restored afterwards) with autograd on, its BatchNorm layers checked.
+    One walk of the module tree serves all of it (it is a per-call cost, large on small models)."""
+    modules = list(model.named_modules())
+    params = _trainable(model, modules)
+    plain = [m for _, m in modules]
+    with eval_mode(model, plain), grad_enabled():
+        check_samples_independent(model, plain)
+        yield params
 
 
 def per_sample_layer_norms(
@@ -114,14 +140,12 @@ def per_sample_layer_norms(
             f"of group_size {group_size}",
             stacklevel=2,
         )
-    params = trainable_parameters(model)
-    request = NormRequest(
-        model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(metric)
-    )
-    chunk = chunk_size or default_chunk_size(params)
-    device = next(iter(params.values())).device
-    with eval_mode(model), grad_enabled():
-        check_samples_independent(model)
+    with scoring(model) as params:
+        request = NormRequest(
+            model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(metric)
+        )
+        chunk = chunk_size or default_chunk_size(params)
+        device = next(iter(params.values())).device
         xs = x.clone() if x.is_inference() else x
         groups = xs[: n_groups * group_size].to(device).reshape(n_groups, group_size, *x.shape[1:])
         values, ll = _run(engine, request, groups, chunk)
@@ -132,11 +156,11 @@ def capture_factors(model: nn.Module, x: Tensor, *, log_likelihood: LogLikelihoo
     """Per-sample gradient factors of every trainable parameter for the batch ``x`` (hooks backend):
     what the layer rules capture, for metrics that need more than norms (K-FAC's Kronecker statistics).
     Same conventions as :func:`per_sample_layer_norms`."""
-    params = trainable_parameters(model)
-    request = NormRequest(model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(None))
-    device = next(iter(params.values())).device
-    with eval_mode(model), grad_enabled():
-        check_samples_independent(model)
+    with scoring(model) as params:
+        request = NormRequest(
+            model, resolve_log_likelihood(model, log_likelihood), params, resolve_metric(None)
+        )
+        device = next(iter(params.values())).device
         return capture(request, (x.clone() if x.is_inference() else x).to(device))
 
 

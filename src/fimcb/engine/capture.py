@@ -751,9 +751,10 @@ def _capture(
             position += r is not None
     found: dict[str, list[Factor]] = defaultdict(list)
     failed: dict[str, str] = {}
-    pullback = _op_factors(forward, grads[: len(op_targets)], found, failed)
-    if pullback:
-        _pull_back(forward, pullback, found, failed)
+    with torch._C.DisableTorchFunctionSubclass():  # the light tracker's tensors as plain ones (its cost)
+        pullback = _op_factors(forward, grads[: len(op_targets)], found, failed)
+        if pullback:
+            _pull_back(forward, pullback, found, failed)
     _module_factors(forward, found, failed)
     norms = stream.norms if stream is not None else {}
     served = [n for n in params if n not in plan.fallback and n not in failed and n not in norms]

@@ -7,6 +7,8 @@ per-sample gradient does not exist: it is refused with an error.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -66,9 +68,10 @@ class SamplesInteractError(ValueError):
     """A layer mixes samples of the batch, so per-sample gradients are not defined."""
 
 
-def check_samples_independent(model: nn.Module) -> None:
-    """Refuse a model with a BatchNorm that uses batch statistics even in eval mode (samples interact)."""
-    for module in model.modules():
+def check_samples_independent(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> None:
+    """Refuse a model with a BatchNorm that uses batch statistics even in eval mode (samples interact);
+    ``modules``: the model's, where the caller has them at hand."""
+    for module in model.modules() if modules is None else modules:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             check_batchnorm(module)
 
