@@ -28,6 +28,8 @@ from toy_models import (
     naive_layer_norms,
 )
 
+import fimcb.engine.capture as capture_module
+import fimcb.engine.factors as factors
 import fimcb.engine.rules.conv as conv_rules
 from fimcb import ModelProtocolError, per_sample_layer_norms
 from fimcb.engine.factors import Dense, Factor, IndexSum, OuterSum
@@ -402,14 +404,40 @@ def test_a_wrong_rule_is_caught_by_the_self_check_and_its_parameters_fall_back(
         RULES.pop(Gate)
 
 
+def test_merged_pull_backs_keep_every_operand() -> None:
+    """Pull-backs by basis merge while small; a merge that lands on an earlier group's sources joins it."""
+    sources = [torch.zeros(100), torch.zeros(100), torch.zeros(100000)]
+    operand = {n: (torch.zeros(n), Dense(torch.zeros(1, n))) for n in (1, 2, 3, 4)}
+    groups = {
+        (frozenset({0, 1}), True): [operand[1]],
+        (frozenset({2}), True): [operand[2]],  # too large to merge with the first
+        (frozenset({0}), True): [operand[3]],
+        (frozenset({1}), True): [operand[4]],  # merges with {0}: the sources of the first group
+        (frozenset({0}), False): [operand[1]],  # per sample: never merged
+    }
+    merged = capture_module._merge_small(groups, sources)
+    assert sorted(len(v) for v in merged.values()) == [1, 1, 3]
+    assert [w.numel() for w, _ in merged[frozenset({0, 1}), True]] == [1, 3, 4]
+
+
 @pytest.mark.parametrize("route", list(ConvRoute))
 @pytest.mark.parametrize("group_size", [1, 3])
+@pytest.mark.parametrize("memory", ["default", "tight"])
 def test_every_conv_route_serves_diagonal_metrics_and_groups(
-    route: ConvRoute, group_size: int, monkeypatch: pytest.MonkeyPatch
+    route: ConvRoute, group_size: int, memory: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each way of norming a convolution (ghost, unfolded, grouped in blocks), forced, with a diagonal metric
-    and groups: the weighted naive gradients."""
+    and groups: the weighted naive gradients; with a tight memory floor, every route unfolds or forms one
+    sample at a time."""
     monkeypatch.setattr(conv_rules, "_fastest", lambda key, shape, make, ghost: make(route))
+    if memory == "tight":
+        monkeypatch.setattr(conv_rules, "MATERIALISE_FLOOR", 1)
+        monkeypatch.setattr(factors, "MATERIALISE_FLOOR", 1)
+        parts: list[tuple[conv_rules.ConvFactor, slice]] = []
+        part = conv_rules.ConvFactor._part
+        monkeypatch.setattr(
+            conv_rules.ConvFactor, "_part", lambda self, s: parts.append((self, s)) or part(self, s)
+        )
     model, x = next((m, x) for name, m, x in _cases() if name == "conv")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.rand_like(p) + 0.1 for n, p in params.items()}
@@ -429,3 +457,8 @@ def test_every_conv_route_serves_diagonal_metrics_and_groups(
         for _ in range(3):  # checked, then lighter, then streamed
             norms = per_sample_layer_norms(model, x, metric=metric, engine="hooks", group_size=group_size)
             torch.testing.assert_close(norms.values, torch.stack(expected), rtol=1e-4, atol=1e-7)
+    if memory == "tight" and route is not ConvRoute.GROUPED and group_size == 1:
+        sizes = [(min(s.stop, f.n_groups) - s.start, f) for f, s in parts]
+        assert any(n < f.n_groups for n, f in sizes)  # unfolded a few samples at a time
+        for n, f in sizes:  # never more than the layer holds, but for a single sample
+            assert n == 1 or n * f.rows.shape[1] * (f.rows.shape[2] + f.width) <= f.held

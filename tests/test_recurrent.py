@@ -184,3 +184,55 @@ def test_a_packed_sequence_runs_the_fused_kernel_and_stays_exact() -> None:
     want, _ = naive_layer_norms(model, x)
     norms = per_sample_layer_norms(model, x, engine="hooks")
     assert float(((norms.values - want).abs() / want.abs().amax(1, keepdim=True)).max()) <= 1e-10
+
+
+class TiedInput(nn.Module):
+    """An LSTM whose input weight is also used outside it (a penalty on part of it): light tracking wraps
+    that weight, and the LSTM's own uses must still be left to its parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x[:, :-1])
+        fit = -0.5 * (x[:, 1:] - self.head(out)).pow(2).sum((1, 2))
+        return fit + (x[:, 0] @ self.rnn.weight_ih_l0[:3]).sum(1)
+
+
+def _frozen_input_map() -> nn.Module:
+    model = Sequences(nn.LSTM(3, 4, num_layers=2))
+    for name in ("weight_ih_l0", "bias_ih_l0"):
+        getattr(model.rnn, name).requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, tracking",
+    [(TiedInput, Tracking.LIGHT), (_frozen_input_map, Tracking.NONE)],
+    ids=["weight-also-used-outside", "frozen-input-map"],
+)
+def test_recurrent_parts_with_a_parameter_used_outside_or_frozen(
+    make: type[nn.Module], tracking: Tracking, route: str
+) -> None:
+    torch.manual_seed(4)
+    model = make().double().eval()
+    x = torch.randn(5, 6, 3, dtype=torch.float64)
+    want, _ = naive_layer_norms(model, x)
+    for _ in range(3):
+        norms = per_sample_layer_norms(model, x, engine="hooks")
+        assert float(((norms.values - want).abs() / want.abs().amax(1, keepdim=True)).max()) <= 1e-10
+    assert _PLANS[model].tracking is tracking and not _PLANS[model].fallback
+
+
+def test_a_first_batch_of_one_does_not_take_a_shared_input_for_a_sample() -> None:
+    """At B = 1 an unbatched input has the batch's rows; the tracker knows it is weight-like."""
+    torch.manual_seed(3)
+    model = SharedPrompt().double().eval()
+    for batch in (1, 5, 5):
+        x = torch.randn(batch, 6, 3, dtype=torch.float64)
+        want, _ = naive_layer_norms(model, x)
+        norms = per_sample_layer_norms(model, x, engine="hooks")
+        assert float(((norms.values - want).abs() / want.abs().amax(1, keepdim=True)).max()) <= 1e-10
+    assert not _PLANS[model].fallback

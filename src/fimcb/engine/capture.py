@@ -186,7 +186,6 @@ class _ModuleCall:
         return all(r is None for r in self.rows)
 
 
-@dataclass
 class _GatheredParts(Parts):
     """The linear maps of an unrolled forward during a capture: every call on per-sample rows (``B`` of
     them), and every fused kernel, runs with its parameters covered (the tracker leaves them to the
@@ -197,10 +196,19 @@ class _GatheredParts(Parts):
         super().__init__(module)
         self.forward = forward
         self.local = next(local for m, local, _ in forward.plan.owners if m is module)
+        # the parameters' own ids: under light tracking the module holds wrappers of them
+        ids = {name: key for key, name in forward.state.params.items()}
+        self.ids = {n: ids[g] for n, g in self.local.items()}
         self.calls: dict[tuple[str, str | None], tuple[list[Tensor], list[Tensor]]] = {}
 
     def gathers(self, x: Tensor) -> bool:
-        return x.ndim >= 2 and x.shape[0] == self.forward.batch
+        """Rows of the samples: ``B`` of them, and not weight-like where the tracker knows (an unbatched
+        input of a batch of one)."""
+        return (
+            x.ndim >= 2
+            and x.shape[0] == self.forward.batch
+            and (not self.forward.tracked or self.forward.state.kind(x) is not Kind.WEIGHT)
+        )
 
     def linear(self, x: Tensor, weight: str, bias: str | None = None) -> Tensor:
         if not self.gathers(x):  # not per sample: the tracker serves it
@@ -211,7 +219,7 @@ class _GatheredParts(Parts):
 
     def fused(self, run: Callable[[], T], names: Sequence[str | None]) -> T:
         covered = self.forward.state.covered
-        keys = [id(getattr(self.module, n)) for n in names if n is not None]
+        keys = [self.ids[n] for n in names if n is not None and n in self.ids]
         for key in keys:
             covered[key] = covered.get(key, 0) + 1
         try:
@@ -751,9 +759,9 @@ def _capture(
             position += r is not None
     found: dict[str, list[Factor]] = defaultdict(list)
     failed: dict[str, str] = {}
-    with torch._C.DisableTorchFunctionSubclass():  # the light tracker's tensors as plain ones (its cost)
-        pullback = _op_factors(forward, grads[: len(op_targets)], found, failed)
-        if pullback:
+    pullback = _op_factors(forward, grads[: len(op_targets)], found, failed)
+    if pullback:
+        with torch._C.DisableTorchFunctionSubclass():  # the light tracker's operands as plain tensors
             _pull_back(forward, pullback, found, failed)
     _module_factors(forward, found, failed)
     norms = stream.norms if stream is not None else {}
@@ -916,7 +924,8 @@ def _merge_small(
             union = open_key[0] | key[0]
             coordinates = sum(w.numel() for w, _ in (*merged[open_key], *group))
             if coordinates * sum(sources[i].numel() for i in union) <= MERGE_JACOBIAN:
-                merged[union, True] = [*merged.pop(open_key), *group]
+                items = merged.pop(open_key)
+                merged.setdefault((union, True), []).extend([*items, *group])  # perhaps a closed one
                 open_key = (union, True)
                 continue
         merged.setdefault(key, []).extend(group)

@@ -20,7 +20,16 @@ from torch.nn.grad import conv1d_weight, conv2d_weight
 from torch.nn.modules.conv import _ConvNd
 
 from fimcb.core.metric import Identity
-from fimcb.engine.factors import BiasSum, Blockwise, Dense, Factor, NormRoute, OuterSum
+from fimcb.engine.factors import (
+    MATERIALISE_BUDGET,
+    MATERIALISE_FLOOR,
+    BiasSum,
+    Blockwise,
+    Dense,
+    Factor,
+    NormRoute,
+    OuterSum,
+)
 from fimcb.engine.rules import Call, Rule, register_rule
 
 
@@ -35,13 +44,18 @@ class ConvRoute(enum.Enum):
 @dataclass
 class ConvFactor(Factor):
     """``G_b = Σ_t g_{b,t} c_{b,t}ᵀ``: ``rows`` ``[B, P, C]`` (one side, per output position) and lazily the
-    unfolded ``columns`` ``[B, P, C'·k]`` (the other side) or the grouped-convolution gradients."""
+    unfolded ``columns`` ``[n, P, width]`` of a slice of the samples (the other side) or the
+    grouped-convolution gradients. Norms unfold a slice of the samples at a time, no more than the layer
+    holds (``held`` floats: its input and output gradient; unfolding a 3x3 convolution's input is nine
+    times larger), so that norming a layer stays within about its activations' memory."""
 
     rows: Tensor
-    columns: Callable[[], Tensor]
+    columns: Callable[[slice], Tensor]
     grouped: Blockwise
     route: ConvRoute
     input_side: Literal["u", "v"]
+    width: int  # of the unfolded columns: the weight's elements per row channel
+    held: int = MATERIALISE_BUDGET
     _outer: OuterSum | None = field(default=None, repr=False)
 
     @property
@@ -52,11 +66,35 @@ class ConvFactor(Factor):
     def device(self) -> torch.device:
         return self.rows.device
 
+    @property
+    def _norm_route(self) -> NormRoute:
+        return NormRoute.GHOST if self.route is ConvRoute.GHOST else NormRoute.DENSE
+
     def outer(self) -> OuterSum:
         if self._outer is None:
-            norm_route = NormRoute.GHOST if self.route is ConvRoute.GHOST else NormRoute.DENSE
-            self._outer = OuterSum(self.rows, self.columns(), norm_route, self.input_side)
+            self._outer = OuterSum(self.rows, self.columns(slice(None)), self._norm_route, self.input_side)
         return self._outer
+
+    def _part(self, samples: slice) -> OuterSum:
+        """The outer form of a slice of the samples, unfolding only theirs."""
+        if self._outer is not None:
+            return OuterSum(self._outer.u[samples], self._outer.v[samples], self._norm_route, self.input_side)
+        return OuterSum(self.rows[samples], self.columns(samples), self._norm_route, self.input_side)
+
+    def _by_parts(self, norms: Callable[[OuterSum], Tensor | None]) -> Tensor | None:
+        """``norms`` of every slice of samples whose unfolded columns fit in what the layer holds."""
+        positions = self.rows.shape[1]
+        per_sample = positions * (self.rows.shape[2] + self.width)  # its rows and unfolded columns
+        if self.route is ConvRoute.GHOST:
+            per_sample += 2 * positions * positions  # and their two Gram matrices
+        step = max(1, max(self.held, MATERIALISE_FLOOR) // max(1, per_sample))
+        parts = []
+        for start in range(0, self.n_groups, step):
+            part = norms(self._part(slice(start, start + step)))
+            if part is None:
+                return None
+            parts.append(part)
+        return torch.cat(parts) if parts else self.rows.new_zeros(0)
 
     def _form(self) -> Factor:
         return self.grouped if self.route is ConvRoute.GROUPED else self.outer()
@@ -65,19 +103,31 @@ class ConvFactor(Factor):
         return self._form().groups(group_size)
 
     def dense(self, rows: slice) -> Tensor:
-        return self._form().dense(rows)
+        if self.route is ConvRoute.GROUPED:
+            return self.grouped.dense(rows)
+        return self._part(rows).dense(slice(None))
 
     def total(self) -> Tensor:
         return self._form().total()
 
     def ghost_norms(self) -> Tensor | None:
-        return self._form().ghost_norms()
+        if self.route is ConvRoute.GROUPED:
+            return self.grouped.ghost_norms()
+        return self._by_parts(OuterSum.ghost_norms)
 
     def diagonal_norms(self, weights: Tensor) -> Tensor | None:
-        return self._form().diagonal_norms(weights)
+        if self.route is ConvRoute.GROUPED:
+            return self.grouped.diagonal_norms(weights)
+        return self._by_parts(lambda part: part.diagonal_norms(weights))
 
     def footprint(self) -> int:
-        return self._form().footprint()
+        return self.grouped.footprint() if self.route is ConvRoute.GROUPED else self.held
+
+    def step(self, per_group: int) -> int:
+        """Samples to materialise at once: their gradients and their unfolded columns count."""
+        if self.route is ConvRoute.GROUPED:
+            return self.grouped.step(per_group)
+        return super().step(per_group + self.rows.shape[1] * self.width)
 
     @property
     def concatenates(self) -> bool:  # type: ignore[override]
@@ -175,13 +225,17 @@ def _weight_factor(
             conv_input[samples], side[samples], tuple(module.weight.shape), options
         )
 
+    held = conv_input.numel() + side.numel()
+
     def make(route: ConvRoute) -> ConvFactor:
         return ConvFactor(
             rows,
-            lambda: _unfold(unfolded, module, padded),
-            Blockwise(grouped, batch, module.weight.shape, conv_input.numel() + side.numel(), side),
+            lambda samples: _unfold(unfolded[samples], module, padded),
+            Blockwise(grouped, batch, module.weight.shape, held, side),
             route,
             input_side,
+            d_v,
+            held,
         )
 
     return _fastest(key, module.weight.shape, make, ghost)

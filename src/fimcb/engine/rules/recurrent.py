@@ -97,7 +97,13 @@ class UnrolledRNN(Unrolled):
         suffix = f"_l{layer}" + ("_reverse" if direction else "")
         bias = {name: f"{name}{suffix}" if rnn.bias else None for name in ("bias_ih", "bias_hh")}
         gi = parts.linear(x, f"weight_ih{suffix}", bias["bias_ih"])  # every step's input part at once
-        if rnn.mode != "GRU" and not rnn.proj_size and parts.gathers(x) and _fused_pays(gi):
+        if (
+            rnn.mode != "GRU"
+            and not rnn.proj_size
+            and gi.requires_grad  # the gates' gradient is found at gi (a frozen input map: unrolled)
+            and parts.gathers(x)
+            and _fused_pays(gi)
+        ):
             return UnrolledRNN._fused(parts, gi, state, suffix, direction)
         steps = range(x.shape[1] - 1, -1, -1) if direction else range(x.shape[1])
         ys: list[Tensor] = [x] * x.shape[1]
@@ -122,8 +128,9 @@ class UnrolledRNN(Unrolled):
         hx: Any = [s.unsqueeze(0) for s in state]
         hx = hx if rnn.mode == "LSTM" else hx[0]
         kernel: Callable[..., Any] = getattr(_VF, rnn.mode.lower())  # lstm, rnn_tanh or rnn_relu
-        # biases, layers, dropout, train, bidirectional, batch_first
-        options = (bias is not None, 1, 0.0, False, False, True)
+        # biases, layers, dropout, train (cuDNN differentiates only in training mode; no dropout here),
+        # bidirectional, batch_first
+        options = (bias is not None, 1, 0.0, True, False, True)
         ordered = gi.flip(1) if direction else gi
         with warnings.catch_warnings():  # cuDNN warns that these weights are not one flat buffer: by design
             warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous")
