@@ -431,7 +431,7 @@ def test_every_conv_route_serves_diagonal_metrics_and_groups(
     sample at a time."""
     monkeypatch.setattr(conv_rules, "_fastest", lambda key, shape, make, ghost: make(route))
     if memory == "tight":
-        monkeypatch.setattr(conv_rules, "MATERIALISE_FLOOR", 1)
+        monkeypatch.setattr(conv_rules, "UNFOLD_FLOOR", 1)
         monkeypatch.setattr(factors, "MATERIALISE_FLOOR", 1)
         parts: list[tuple[conv_rules.ConvFactor, slice]] = []
         part = conv_rules.ConvFactor._part
