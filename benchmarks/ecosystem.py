@@ -149,9 +149,10 @@ What the numbers mean, and how they compare with the targets, is in [performance
   autograd, the second checking the lighter capture, the third the first without checks; on models
   holding enough, that one reduces layers inside the backward).
 - **routes**: how the hooks engine serves each layer type and each parameter used outside a ruled
-  module (`fimcb.engine.describe_routes`): a layer rule; an op rule or a batched pull-back for
-  parameters used in plain torch code, in a layer without a rule or in an unrolled recurrent layer;
-  module-local `torch.func` for a layer whose rule failed; and any fallback with its reason.
+  module (`fimcb.engine.describe_routes`): a layer rule (for a recurrent layer, its linear maps
+  gathered over the time steps); an op rule or a batched pull-back for parameters used in plain torch
+  code or in a layer without a rule; module-local `torch.func` for a layer whose rule failed; and any
+  fallback with its reason.
 - **time, memory**: `per_sample_layer_norms` against one plain batched forward and backward of the
   summed log-likelihood, interleaved in one process: the median time ratio over {args.repeats} repeats
   (25-75 % range), and the ratio of peak resident memory rises, each measured in a forked child that
