@@ -166,6 +166,48 @@ def aurocs_of(measures: dict) -> dict:
     return {o: {d: m["auroc"] for d, m in by.items()} for o, by in measures.items()}
 
 
+def cache_path(run_dir: Path, args: argparse.Namespace, name: str, k: int, tag: str) -> Path:
+    """Where a run's features for a metric and group size, scored under ``tag``, are cached."""
+    prefix = f"{tag}_" if tag else ""
+    suffix = f"_shifts{args.max_samples // 2}" if args.shifts and k == 1 else ""
+    stem = f"{prefix}{name}_{args.fisher}_k{k}_d{args.draws}_n{args.max_samples}{suffix}"
+    return run_dir / "ood_benchmark" / f"{stem}.pt"
+
+
+def load_features(path: Path) -> tuple[dict[str, LayerNorms], float, float]:
+    norms, score_seconds, fit_seconds = torch.load(path, weights_only=False)
+    return {s: LayerNorms(**fields) for s, fields in norms.items()}, score_seconds, fit_seconds
+
+
+def averaged_features(
+    run_dir: Path, args: argparse.Namespace, name: str, k: int
+) -> tuple[dict[str, LayerNorms], float, float]:
+    """The cached features of the tags in ``--average`` ("" for the untagged pass), averaged row by row
+    (squared norms and log-likelihoods): several scorings of the same samples with independent noise of a
+    stochastic bound (``--model.init_args.latent_stream S``), for features averaged over latent draws."""
+    passes = []
+    for tag in args.average:
+        path = cache_path(run_dir, args, name, k, tag)
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: score tag {tag!r} first, with the same options")
+        passes.append(load_features(path))
+    first = passes[0][0]
+    averaged = {}
+    for s, norms in first.items():
+        rows = [p[0][s] for p in passes]
+        if any(r.values.shape != norms.values.shape or r.names != norms.names for r in rows) or any(
+            r.ids is not None and norms.ids is not None and not torch.equal(r.ids, norms.ids) for r in rows
+        ):
+            raise SystemExit(f"the passes {args.average} did not score the same rows of {s!r}")
+        averaged[s] = LayerNorms(
+            values=torch.stack([r.values for r in rows]).mean(0),
+            names=norms.names,
+            log_likelihood=torch.stack([r.log_likelihood for r in rows]).mean(0),
+            ids=norms.ids,
+        )
+    return averaged, sum(p[1] for p in passes), sum(p[2] for p in passes)
+
+
 def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     """``{metric: {k: {"draws": [{"aurocs": ..., "selection": ...}], "seconds": ..., "samples": ...}}}``."""
     run = load_run(run_dir, args.overrides)
@@ -181,14 +223,12 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         fit_seconds = 0.0
         out[name] = {}
         for k in args.groups:
-            prefix = f"{args.tag}_" if args.tag else ""
             scored = {**sets, **(shifts if k == 1 else {})}  # the selection is made at k = 1
-            suffix = f"_shifts{per_draw}" if len(scored) > len(sets) else ""
-            stem = f"{prefix}{name}_{args.fisher}_k{k}_d{args.draws}_n{args.max_samples}{suffix}"
-            cache = run_dir / "ood_benchmark" / f"{stem}.pt"
-            if cache.exists():  # features of an earlier pass: only the detectors run again
-                norms, score_seconds, fit_seconds = torch.load(cache, weights_only=False)
-                norms = {s: LayerNorms(**fields) for s, fields in norms.items()}
+            cache = cache_path(run_dir, args, name, k, args.tag)
+            if args.average:
+                norms, score_seconds, fit_seconds = averaged_features(run_dir, args, name, k)
+            elif cache.exists():  # features of an earlier pass: only the detectors run again
+                norms, score_seconds, fit_seconds = load_features(cache)
             else:
                 if metric is None:
                     metric, fit_seconds = fitted_metric(name, run.model, dm.train_dataloader(), args)
@@ -362,8 +402,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ood_benchmark.json"))
     parser.add_argument("--tag", default="", help="names results and cached features scored with overrides")
     parser.add_argument("--collect", nargs="+", type=Path, help="only print the tables of these JSON files")
+    parser.add_argument(
+        "--average",
+        nargs="+",
+        help="evaluate the features of these tags ('' untagged) averaged row by row, under --tag",
+    )
     args, unknown = parser.parse_known_args()  # the rest: train.py options, e.g. --data.root PATH
     args.overrides = [a for a in unknown if a != "--"]
+    if args.average and not args.tag:
+        parser.error("--average needs a --tag to file the averaged results under")
     if args.shifts and args.draws < 2:
         parser.error("--shifts needs --draws 2 or more (held-out validation rows come from another draw)")
     if args.collect:

@@ -34,6 +34,7 @@ from fimcb.models.noise import content_seed, seeded_normal
 
 # Salt of the eval-mode latent noise (one stream; the k importance draws are its leading dimension).
 _LATENT_SALT = 0x5AE1A7E5
+_STREAM_STEP = 0x9E3779B9  # between the salts of successive latent streams (the golden-ratio constant)
 # Floor of the decoder's log-scale: keeps the bins' standardised widths finite (PixelCNN++ uses -7).
 _MIN_LOG_SCALE = -7.0
 
@@ -73,6 +74,9 @@ class VAE(ImageLikelihoodModel):
         n_res_blocks: residual blocks per stage.
         n_importance: latent draws ``k`` per sample; 1 gives the ELBO with analytic KL, more the IWAE(k)
             bound ``log mean_j p(x, z_j) / q(z_j|x)``, tighter and ``k`` decoder passes dearer.
+        latent_stream: which stream of eval-mode latent noise a sample's draws come from (0, the
+            default, is the one every earlier score used); scores from several streams are independent
+            draws of the same bound, for averaging features over latent draws.
         lr, warmup_steps, weight_decay, n_samples: see :class:`~fimcb.models.base.LikelihoodModule`.
     """
 
@@ -85,6 +89,7 @@ class VAE(ImageLikelihoodModel):
         n_downsample: int = 2,
         n_res_blocks: int = 1,
         n_importance: int = 1,
+        latent_stream: int = 0,
         lr: float = 1e-3,
         warmup_steps: int = 200,
         weight_decay: float = 0.0,
@@ -112,6 +117,7 @@ class VAE(ImageLikelihoodModel):
                 f"{h}x{w}; lower n_downsample or pad the images"
             )
         self.n_importance = n_importance
+        self.latent_salt = (_LATENT_SALT + _STREAM_STEP * latent_stream) & 0xFFFFFFFF
         self.latent_shape = (latent_channels, h // 2**n_downsample, w // 2**n_downsample)
         width = hidden_channels
 
@@ -150,7 +156,7 @@ class VAE(ImageLikelihoodModel):
         k, b = self.n_importance, levels.shape[0]
         if self.training:
             return torch.randn(k, b, *self.latent_shape, dtype=dtype, device=levels.device)
-        noise = seeded_normal(content_seed(levels), (k, *self.latent_shape), salt=_LATENT_SALT)
+        noise = seeded_normal(content_seed(levels), (k, *self.latent_shape), salt=self.latent_salt)
         return noise.to(dtype).transpose(0, 1)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
