@@ -14,6 +14,8 @@ from torchmetrics.functional.classification import binary_auroc
 from toy_models import LinearFlow
 
 from fimcb import LayerNorms, evaluate_ood, ood_measures
+from fimcb.core.metric import Identity
+from fimcb.core.protocol import ModelProtocolError
 from fimcb.detectors import (
     DEFAULT_METHODS,
     DETECTORS,
@@ -24,7 +26,9 @@ from fimcb.detectors import (
 )
 from fimcb.evaluation.analysis import LayerAUROCs, layer_aurocs, plot_layer_aurocs
 from fimcb.evaluation.ood import to_unit_interval
-from fimcb.evaluation.scoring import ScoringOptions
+from fimcb.evaluation.scoring import ScoringOptions, layer_norms_over
+from fimcb.lightning.options import Scoring
+from fimcb.models import VAE
 
 
 def _sklearn_metrics(s_in: np.ndarray, s_out: np.ndarray) -> dict[str, float]:
@@ -253,3 +257,36 @@ def test_plot_layer_aurocs_writes_one_panel_per_ood_set(tmp_path) -> None:
         assert b.width > 2.5 * a.width and a.height == b.height  # panels side by side
         pixels = torch.tensor(list(a.convert("L").getdata()), dtype=torch.float32)
         assert pixels.min() < 100  # something is drawn, not a blank canvas
+
+
+def test_noise_draws_average_independent_streams_of_a_stochastic_bound() -> None:
+    """Features averaged over a VAE's eval-mode latent streams are the mean of the streams scored one by
+    one; the model's own stream is restored; a model without streams is refused with what to do."""
+    torch.manual_seed(0)
+    model = VAE(image_shape=(1, 8, 8), num_levels=17, hidden_channels=4, latent_channels=2, n_downsample=1)
+    model.eval().noise_stream = 5
+    images = torch.randint(0, 17, (10, 1, 8, 8)) / 16.0
+    loader = DataLoader(TensorDataset(images), batch_size=4)
+    averaged = layer_norms_over(model, loader, ScoringOptions(noise_draws=3, engine="hooks"))
+    assert model.noise_stream == 5
+    streams = []
+    for stream in range(3):
+        model.noise_stream = stream
+        streams.append(layer_norms_over(model, loader, ScoringOptions(engine="hooks")))
+    torch.testing.assert_close(averaged.values, torch.stack([s.values for s in streams]).mean(0))
+    torch.testing.assert_close(
+        averaged.log_likelihood, torch.stack([s.log_likelihood for s in streams]).mean(0)
+    )
+    assert not torch.equal(streams[0].values, streams[1].values)  # independent draws, not one repeated
+    assert torch.equal(averaged.ids, streams[0].ids)
+    flow = LinearFlow(4)
+    data = DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=3)
+    layer_norms_over(flow, data, ScoringOptions(noise_draws=1))  # one draw: any model
+    with pytest.raises(ModelProtocolError, match="noise_stream"):
+        layer_norms_over(flow, data, ScoringOptions(noise_draws=2))
+
+
+def test_the_callbacks_scoring_passes_noise_draws_to_the_evaluation_only() -> None:
+    assert Scoring(noise_draws=4).options(Identity(), None, None).noise_draws == 4
+    with pytest.raises(ValueError, match="noise_draws"):
+        Scoring(noise_draws=0)

@@ -3,11 +3,16 @@
 A model is usable when it exposes ``log_likelihood(x) -> Tensor[B]``: the per-sample
 log-likelihood in nats (or its ELBO), deterministic in ``eval()`` mode. Batches are either a
 tensor ``x`` or a sequence ``(x, target, sample_id, ...)`` as yielded by fimcb's datamodules.
+
+A model whose log-likelihood is a stochastic bound (a VAE's ELBO) may also expose a settable integer
+``noise_stream``: the stream its eval-mode noise is drawn from (0 by default), so that scores can be
+averaged over independent draws (:func:`noise_streams`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -81,3 +86,23 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
         "cannot find the inputs in a batch of type "
         f"{type(batch).__name__}: yield a tensor, a tuple (x, target, sample_id) or a dict with key 'x'"
     )
+
+
+@contextlib.contextmanager
+def noise_streams(model: nn.Module, draws: int) -> Iterator[range]:
+    """Yields the streams ``0 .. draws-1`` to set as ``model.noise_stream`` in turn, restoring the model's
+    own stream afterwards; refuses a model without noise streams when more than one draw is asked."""
+    if draws < 1:
+        raise ValueError(f"noise draws must be at least 1, got {draws}")
+    if draws > 1 and not isinstance(getattr(model, "noise_stream", None), int):
+        raise ModelProtocolError(
+            f"averaging over {draws} noise draws needs a model whose eval-mode log-likelihood draws its "
+            f"noise from a settable integer `noise_stream` (fimcb's VAE has one); {type(model).__name__} "
+            "has none: use one draw, or add the attribute to the model"
+        )
+    own = getattr(model, "noise_stream", None)
+    try:
+        yield range(draws)
+    finally:
+        if own is not None:
+            setattr(model, "noise_stream", own)  # noqa: B010  # an attribute nn.Module does not declare

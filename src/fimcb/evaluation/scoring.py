@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from fimcb.core.distributed import rank_and_world, score_sharded
 from fimcb.core.metric import Metric
 from fimcb.core.norms import LayerNorms
-from fimcb.core.protocol import LogLikelihoodFn, unpack_batch
+from fimcb.core.protocol import LogLikelihoodFn, noise_streams, unpack_batch
 from fimcb.engine import Engine, per_sample_layer_norms
 
 # Batch size of the per-rank loaders when the original loader has none (it used a batch sampler).
@@ -36,6 +36,10 @@ class ScoringOptions:
         log_likelihood: overrides ``model.log_likelihood``.
         chunk_size: groups per vectorised engine call (default: sized from memory).
         max_samples: use at most this many samples of a loader.
+        noise_draws: for a model whose log-likelihood is a stochastic bound (a VAE's ELBO, one latent
+            draw per sample), the squared norms and log-likelihoods averaged over this many independent
+            draws of its eval-mode noise (``model.noise_stream``): less noisy features, at that many
+            times the cost. 1 scores the model's own stream.
         progress: show a progress bar per pass.
         progress_bar: the bar's factory, with tqdm's signature (default ``tqdm.auto.tqdm``); the callback
             passes Lightning's own ``Tqdm``, placed and formatted like the trainer's bars.
@@ -47,6 +51,7 @@ class ScoringOptions:
     log_likelihood: LogLikelihoodFn | None = None
     chunk_size: int | None = None
     max_samples: int | None = None
+    noise_draws: int = 1
     progress: bool = False
     progress_bar: Callable[..., Any] | None = None
 
@@ -147,15 +152,7 @@ def _stream(
         usable = sum(len(p) for p in pending_x) // group_size * group_size
         if usable:
             xs, id_all = torch.cat(pending_x), torch.cat(pending_ids)
-            norms = per_sample_layer_norms(
-                model,
-                xs[:usable],
-                metric=options.metric,
-                log_likelihood=options.log_likelihood,
-                group_size=group_size,
-                engine=options.engine,
-                chunk_size=options.chunk_size,
-            )
+            norms = _averaged_norms(model, xs[:usable], options)
             parts.append(
                 LayerNorms(
                     norms.values.cpu(),
@@ -171,6 +168,33 @@ def _stream(
     if not parts:
         raise EmptyLoaderError(_empty_message(name, seen, group_size))
     return LayerNorms.cat(parts)
+
+
+def _averaged_norms(model: nn.Module, x: Tensor, options: ScoringOptions) -> LayerNorms:
+    """Layer norms of ``x``, averaged over ``options.noise_draws`` streams of the model's eval-mode noise."""
+    draws = []
+    with noise_streams(model, options.noise_draws) as streams:
+        for stream in streams:
+            if options.noise_draws > 1:
+                setattr(model, "noise_stream", stream)  # noqa: B010  # the protocol's attribute
+            draws.append(
+                per_sample_layer_norms(
+                    model,
+                    x,
+                    metric=options.metric,
+                    log_likelihood=options.log_likelihood,
+                    group_size=options.group_size,
+                    engine=options.engine,
+                    chunk_size=options.chunk_size,
+                )
+            )
+    if len(draws) == 1:
+        return draws[0]
+    return LayerNorms(
+        torch.stack([d.values for d in draws]).mean(0),
+        draws[0].names,
+        torch.stack([d.log_likelihood for d in draws]).mean(0),
+    )
 
 
 def _expected_samples(loader: Iterable[Any], max_samples: int | None) -> int | None:

@@ -76,15 +76,21 @@ class Scoring:
             ``layer_scalar``, ``diagonal``, ``kfac``, ``low_rank``) or as an instance (YAML: ``class_path``
             and ``init_args``); a fitted one is fitted afresh on the training data at each evaluation.
             Tracking during training uses the plain (identity) norms.
+        noise_draws: the evaluation's features averaged over this many independent draws of the model's
+            eval-mode noise (``model.noise_stream``; fimcb's VAE has it), for log-likelihoods that are
+            stochastic bounds: less noisy features at that many times the evaluation's scoring cost.
+            Tracking during training uses one draw.
     """
 
     group_size: int = 1
     engine: Engine = "auto"
     chunk_size: int | None = None
     metric: Metric | str | None = None
+    noise_draws: int = 1
 
     def __post_init__(self) -> None:
         check_int("scoring.group_size", self.group_size)
+        check_int("scoring.noise_draws", self.noise_draws)
         if self.chunk_size is not None:
             check_int("scoring.chunk_size", self.chunk_size)
         resolve_metric(self.metric)  # an unknown name fails here, not after training
@@ -99,6 +105,7 @@ class Scoring:
             chunk_size=self.chunk_size,
             metric=metric,
             max_samples=max_samples,
+            noise_draws=self.noise_draws,
             progress=progress_bar is not None,
             progress_bar=progress_bar,
         )

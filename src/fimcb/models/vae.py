@@ -76,7 +76,8 @@ class VAE(ImageLikelihoodModel):
             bound ``log mean_j p(x, z_j) / q(z_j|x)``, tighter and ``k`` decoder passes dearer.
         latent_stream: which stream of eval-mode latent noise a sample's draws come from (0, the
             default, is the one every earlier score used); scores from several streams are independent
-            draws of the same bound, for averaging features over latent draws.
+            draws of the same bound, for averaging features over latent draws. Settable later as
+            ``noise_stream`` (the model protocol's name, :func:`fimcb.core.protocol.noise_streams`).
         lr, warmup_steps, weight_decay, n_samples: see :class:`~fimcb.models.base.LikelihoodModule`.
     """
 
@@ -117,7 +118,7 @@ class VAE(ImageLikelihoodModel):
                 f"{h}x{w}; lower n_downsample or pad the images"
             )
         self.n_importance = n_importance
-        self.latent_salt = (_LATENT_SALT + _STREAM_STEP * latent_stream) & 0xFFFFFFFF
+        self.noise_stream = latent_stream
         self.latent_shape = (latent_channels, h // 2**n_downsample, w // 2**n_downsample)
         width = hidden_channels
 
@@ -151,12 +152,22 @@ class VAE(ImageLikelihoodModel):
         mean, log_scale = self.decode(z)
         return discretized_logistic_log_prob(levels, mean, log_scale, self.num_levels).flatten(1).sum(1)
 
+    @property
+    def noise_stream(self) -> int:
+        """The stream of eval-mode latent noise the log-likelihood draws from."""
+        return self._noise_stream
+
+    @noise_stream.setter
+    def noise_stream(self, stream: int) -> None:
+        self._noise_stream = int(stream)
+        self._latent_salt = (_LATENT_SALT + _STREAM_STEP * self._noise_stream) & 0xFFFFFFFF
+
     def latent_noise(self, levels: Tensor, dtype: torch.dtype) -> Tensor:
         """Standard normal noise ``[k, B, *latent_shape]``: fresh in training, from ``levels`` in eval."""
         k, b = self.n_importance, levels.shape[0]
         if self.training:
             return torch.randn(k, b, *self.latent_shape, dtype=dtype, device=levels.device)
-        noise = seeded_normal(content_seed(levels), (k, *self.latent_shape), salt=self.latent_salt)
+        noise = seeded_normal(content_seed(levels), (k, *self.latent_shape), salt=self._latent_salt)
         return noise.to(dtype).transpose(0, 1)
 
     def log_likelihood(self, x: Tensor) -> Tensor:
