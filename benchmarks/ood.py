@@ -195,9 +195,11 @@ def averaged_features(
     averaged = {}
     for s, norms in first.items():
         rows = [p[0][s] for p in passes]
-        if any(r.values.shape != norms.values.shape or r.names != norms.names for r in rows) or any(
-            r.ids is not None and norms.ids is not None and not torch.equal(r.ids, norms.ids) for r in rows
-        ):
+        same_ids = all(
+            (r.ids is None) == (norms.ids is None) and (r.ids is None or torch.equal(r.ids, norms.ids))
+            for r in rows
+        )
+        if not same_ids or any(r.values.shape != norms.values.shape or r.names != norms.names for r in rows):
             raise SystemExit(f"the passes {args.average} did not score the same rows of {s!r}")
         averaged[s] = LayerNorms(
             values=torch.stack([r.values for r in rows]).mean(0),
@@ -411,6 +413,9 @@ def main() -> None:
     args.overrides = [a for a in unknown if a != "--"]
     if args.average and not args.tag:
         parser.error("--average needs a --tag to file the averaged results under")
+    if args.average and set(args.metrics) != {"identity"}:
+        # a fitted metric is fitted anew in each pass: its features are not on one scale to average
+        parser.error("--average needs --metrics identity (each pass fits its own metric)")
     if args.shifts and args.draws < 2:
         parser.error("--shifts needs --draws 2 or more (held-out validation rows come from another draw)")
     if args.collect:

@@ -288,5 +288,12 @@ def test_noise_draws_average_independent_streams_of_a_stochastic_bound() -> None
 
 def test_the_callbacks_scoring_passes_noise_draws_to_the_evaluation_only() -> None:
     assert Scoring(noise_draws=4).options(Identity(), None, None).noise_draws == 4
-    with pytest.raises(ValueError, match="noise_draws"):
-        Scoring(noise_draws=0)
+    for bad in (0, -1, 1.5, 2.0, True):
+        with pytest.raises(ValueError, match="noise_draws"):
+            Scoring(noise_draws=bad)
+        with pytest.raises(ValueError, match="noise_draws"):
+            ScoringOptions(noise_draws=bad)
+    model = VAE(image_shape=(1, 8, 8), hidden_channels=4, latent_channels=2, n_downsample=1)
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="noise_stream"):
+            model.noise_stream = bad

@@ -3,8 +3,10 @@ choice of the default detector without OOD data, on inputs with known answers.""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -142,3 +144,30 @@ def test_grid_is_mean_and_sd_over_seeds_and_draws_with_a_dash_where_a_metric_was
     rows = table.splitlines()[2:]
     assert rows[0] == "| vae (2 seeds) | noise | 0.750 ± 0.129 | 0.900 ± 0.000 |"  # sd of 0.6, 0.8, 0.7, 0.9
     assert rows[1] == "| flow (1 seed) | noise | 0.500 ± 0.000 | – |"
+
+
+def _cache(run_dir: Path, args: argparse.Namespace, tag: str, norms: LayerNorms, seconds: float) -> None:
+    path = ood.cache_path(run_dir, args, "identity", 1, tag)
+    path.parent.mkdir(exist_ok=True)
+    torch.save(({"test": asdict(norms)}, seconds, 0.0), path)
+
+
+def test_averaged_features_are_the_row_mean_of_the_passes_and_refuse_different_rows(tmp_path: Path) -> None:
+    args = argparse.Namespace(max_samples=4, shifts=False, fisher="empirical", draws=1, average=["", "b"])
+    names = ("a", "b")
+    ids = torch.arange(4)
+    one = LayerNorms(values=torch.rand(4, 2), names=names, log_likelihood=torch.randn(4), ids=ids)
+    two = LayerNorms(values=torch.rand(4, 2), names=names, log_likelihood=torch.randn(4), ids=ids)
+    _cache(tmp_path, args, "", one, 1.0)
+    _cache(tmp_path, args, "b", two, 2.0)
+    averaged, seconds, _ = ood.averaged_features(tmp_path, args, "identity", 1)
+    torch.testing.assert_close(averaged["test"].values, (one.values + two.values) / 2)
+    torch.testing.assert_close(averaged["test"].log_likelihood, (one.log_likelihood + two.log_likelihood) / 2)
+    assert torch.equal(averaged["test"].ids, ids) and seconds == 3.0
+    for other_ids in (ids.flip(0), None):  # other rows, or rows whose ids one pass did not keep
+        _cache(tmp_path, args, "b", LayerNorms(two.values, names, two.log_likelihood, ids=other_ids), 2.0)
+        with pytest.raises(SystemExit, match="did not score the same rows"):
+            ood.averaged_features(tmp_path, args, "identity", 1)
+    args.average = ["", "missing"]
+    with pytest.raises(SystemExit, match="missing"):
+        ood.averaged_features(tmp_path, args, "identity", 1)

@@ -410,11 +410,17 @@ def test_what_can_be_known_before_training_fails_before_it(tmp_path: Path) -> No
 
     arguments = ((1, 8, 8), 17)
     options = dict(n_levels=1, n_steps=1, hidden_channels=4, n_samples=0)
-    for model, error in (
-        (WrongShape(*arguments, **options), "one value per sample"),
-        (BatchStatistics(*arguments, **options), r"norm \(BatchNorm2d\) normalises with batch statistics"),
+    for model, error, scoring in (
+        (WrongShape(*arguments, **options), "one value per sample", Scoring()),
+        (
+            BatchStatistics(*arguments, **options),
+            r"norm \(BatchNorm2d\) normalises with batch statistics",
+            Scoring(),
+        ),
+        (Glow(*arguments, **options), "noise draws needs .* `noise_stream`", Scoring(noise_draws=4)),
     ):
-        trainer = L.Trainer(max_steps=4, callbacks=[_callback()], logger=False, default_root_dir=tmp_path)
+        callback = _callback(scoring=scoring)
+        trainer = L.Trainer(max_steps=4, callbacks=[callback], logger=False, default_root_dir=tmp_path)
         with pytest.raises(Exception, match=error):
             trainer.fit(model, _datamodule())
         assert trainer.global_step == 0

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.checks import check_int
+
 LogLikelihoodFn = Callable[[Tensor], Tensor]
 
 
@@ -88,18 +90,22 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     )
 
 
-@contextlib.contextmanager
-def noise_streams(model: nn.Module, draws: int) -> Iterator[range]:
-    """Yields the streams ``0 .. draws-1`` to set as ``model.noise_stream`` in turn, restoring the model's
-    own stream afterwards; refuses a model without noise streams when more than one draw is asked."""
-    if draws < 1:
-        raise ValueError(f"noise draws must be at least 1, got {draws}")
+def check_noise_streams(model: nn.Module, draws: int) -> None:
+    """Refuse ``draws`` > 1 for a model without a settable integer ``noise_stream`` (what to do instead)."""
+    check_int("noise draws", draws)
     if draws > 1 and not isinstance(getattr(model, "noise_stream", None), int):
         raise ModelProtocolError(
             f"averaging over {draws} noise draws needs a model whose eval-mode log-likelihood draws its "
             f"noise from a settable integer `noise_stream` (fimcb's VAE has one); {type(model).__name__} "
-            "has none: use one draw, or add the attribute to the model"
+            "has none: use one draw (scoring.noise_draws: 1), or add the attribute to the model"
         )
+
+
+@contextlib.contextmanager
+def noise_streams(model: nn.Module, draws: int) -> Iterator[range]:
+    """Yields the streams ``0 .. draws-1`` to set as ``model.noise_stream`` in turn, restoring the model's
+    own stream afterwards; refuses a model without noise streams when more than one draw is asked."""
+    check_noise_streams(model, draws)
     own = getattr(model, "noise_stream", None)
     try:
         yield range(draws)

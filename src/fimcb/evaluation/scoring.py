@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 from tqdm.auto import tqdm
 
+from fimcb.core.checks import check_int
 from fimcb.core.distributed import rank_and_world, score_sharded
 from fimcb.core.metric import Metric
 from fimcb.core.norms import LayerNorms
@@ -54,6 +55,10 @@ class ScoringOptions:
     noise_draws: int = 1
     progress: bool = False
     progress_bar: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        check_int("group_size", self.group_size)
+        check_int("noise_draws", self.noise_draws)
 
 
 def layer_norms_over(

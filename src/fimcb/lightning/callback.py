@@ -31,7 +31,12 @@ from torch.utils.data import DataLoader
 
 from fimcb.core.metric import resolve_metric
 from fimcb.core.norms import LayerNorms, log_norms
-from fimcb.core.protocol import ModelProtocolError, resolve_log_likelihood, unpack_batch
+from fimcb.core.protocol import (
+    ModelProtocolError,
+    check_noise_streams,
+    resolve_log_likelihood,
+    unpack_batch,
+)
 from fimcb.detectors import Detector
 from fimcb.engine import trainable_parameters
 from fimcb.evaluation.ood import OODResult, evaluate_ood
@@ -135,6 +140,7 @@ class FIMNormCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_log_likelihood(pl_module)  # no log_likelihood: what to add
         trainable_parameters(pl_module)  # nothing to differentiate
+        check_noise_streams(pl_module, self.scoring.noise_draws)  # not after training, in the evaluation
         for name, module in pl_module.named_modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
                 raise ModelProtocolError(

@@ -24,6 +24,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 
+from fimcb.core.checks import check_int
 from fimcb.models.base import ImageLikelihoodModel
 from fimcb.models.distributions import (
     discretized_logistic_log_prob,
@@ -159,7 +160,7 @@ class VAE(ImageLikelihoodModel):
 
     @noise_stream.setter
     def noise_stream(self, stream: int) -> None:
-        self._noise_stream = int(stream)
+        self._noise_stream = check_int("noise_stream", stream, minimum=0)
         self._latent_salt = (_LATENT_SALT + _STREAM_STEP * self._noise_stream) & 0xFFFFFFFF
 
     def latent_noise(self, levels: Tensor, dtype: torch.dtype) -> Tensor:
