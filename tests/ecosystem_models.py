@@ -135,6 +135,30 @@ class LearnedStateModel(nn.Module):
         return total
 
 
+class TorchTransformer(nn.Module):
+    """A causal token model of PyTorch's own ``nn.TransformerEncoder`` (its ``nn.MultiheadAttention``
+    uses the projections' weights outside any module call), positions embedded on ``arange(T)``."""
+
+    def __init__(
+        self, vocab: int = 11, dim: int = 8, layers: int = 1, heads: int = 2, max_len: int = 16
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+
+    def log_likelihood(self, tokens: Tensor) -> Tensor:
+        inputs = tokens[:, :-1]
+        length = inputs.shape[1]
+        h = self.tok(inputs) + self.pos(torch.arange(length, device=tokens.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device, dtype=h.dtype)
+        return _log_softmax_tokens(self.head(self.encoder(h, mask=mask, is_causal=True)), tokens[:, 1:])
+
+
 class RecurrentDensity(nn.Module):
     """An LSTM over a sequence predicting each next step's mean (``nn.LSTM`` has no rule, ``vmap`` cannot
     batch it, and its final state goes unused)."""
@@ -308,6 +332,12 @@ PATTERNS: dict[str, Case] = {
         lambda dt: _normal(6, 3, 4, dtype=dt),
         lambda: LearnedStateModel(64),
         lambda dt: _normal(64, 32, 64, dtype=dt),
+    ),
+    "torch_transformer": Case(
+        TorchTransformer,
+        lambda dt: _tokens(11, 8),
+        lambda: TorchTransformer(256, 128, 2, 4, 128),
+        lambda dt: _tokens(256, 65, 32),
     ),
     "recurrent_density": Case(
         RecurrentDensity,

@@ -32,6 +32,7 @@ import fimcb.engine.capture as capture_module
 import fimcb.engine.factors as factors
 import fimcb.engine.rules.conv as conv_rules
 from fimcb import ModelProtocolError, per_sample_layer_norms
+from fimcb.engine.capture import describe_routes
 from fimcb.engine.factors import Dense, Factor, IndexSum, OuterSum
 from fimcb.engine.rules import RULES, Call, Rule, register_rule
 from fimcb.engine.rules.conv import ConvRoute
@@ -151,6 +152,61 @@ def test_hooks_on_random_conv_architectures(layers, channels, side, bias, n_grou
     except RuntimeError:
         assume(False)
     _assert_matches_naive(model, x, "hooks", group_size)
+
+
+def _grouped_convs(dims: int, groups: int) -> tuple[nn.Module, torch.Tensor]:
+    """A grouped (or depthwise) convolution, dilated and circularly padded, then a grouped transposed one
+    with output padding, in ``dims`` dimensions."""
+    conv = getattr(nn, f"Conv{dims}d")(2 * groups, 2 * groups, 3, padding=2, dilation=2, groups=groups,
+                                        padding_mode="circular")  # fmt: skip
+    up = getattr(nn, f"ConvTranspose{dims}d")(2 * groups, groups, 3, stride=2, padding=1, output_padding=1,
+                                              groups=groups)  # fmt: skip
+    model = Functional(
+        lambda m, x: m.up(m.conv(x).tanh()).sin().flatten(1).sum(1),
+        conv=conv,
+        up=up,
+    )
+    return model.double(), torch.randn(5, 2 * groups, *(4,) * dims, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_grouped_and_3d_convolutions_are_served_by_their_rule(dims: int, groups: int) -> None:
+    """Depthwise and grouped convolutions (dilated, circular padding) and grouped transposed ones (output
+    padding), in 1, 2 and 3 dimensions: exact against the naive loop, through the conv rules alone, also
+    in groups of samples and under a diagonal metric."""
+    model, x = _grouped_convs(dims, groups)
+    _assert_matches_naive(model, x, "hooks")
+    _assert_matches_naive(model, x, "hooks", group_size=5)
+    assert describe_routes(model) == f"rule: Conv{dims}d(2), ConvTranspose{dims}d(2)"
+    params = dict(model.named_parameters())
+    fisher = {n: torch.rand_like(p) + 0.1 for n, p in params.items()}
+    want = []
+    for row in x:
+        grads = torch.autograd.grad(model.log_likelihood(row[None]).sum(), list(params.values()))
+        want.append(torch.stack([(g.pow(2) / fisher[n]).sum() for n, g in zip(params, grads, strict=True)]))
+    got = per_sample_layer_norms(model, x, engine="hooks", metric=Diagonal(fisher, damping=0.0)).values
+    torch.testing.assert_close(got, torch.stack(want))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("running", [False, True])
+def test_instance_norm_is_served_by_its_rule(dims: int, running: bool) -> None:
+    """InstanceNorm with affine parameters, by each sample's own statistics or by (non-trivial) running
+    ones in eval mode: exact against the naive loop, through its rule."""
+    norm = getattr(nn, f"InstanceNorm{dims}d")(3, affine=True, track_running_stats=running)
+    if running:
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    model = Functional(
+        lambda m, x: m.n(m.c(x)).sin().flatten(1).sum(1), c=getattr(nn, f"Conv{dims}d")(2, 3, 1), n=norm
+    )
+    x = torch.randn(4, 2, *(5,) * dims)
+    _assert_matches_naive(model.eval(), x, "hooks")
+    assert describe_routes(model) == f"rule: Conv{dims}d(2), InstanceNorm{dims}d(2)"
 
 
 def test_auto_falls_back_to_loop_when_vmap_fails(caplog: pytest.LogCaptureFixture) -> None:

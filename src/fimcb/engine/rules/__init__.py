@@ -174,7 +174,15 @@ def rule_version() -> int:
 
 
 # Importing the rule modules fills the registry (the third-party ones import nothing of their library).
-from fimcb.engine.rules import conv, embedding, linear, norm, recurrent, thirdparty  # noqa: E402, F401
+from fimcb.engine.rules import (  # noqa: E402, F401
+    attention,
+    conv,
+    embedding,
+    linear,
+    norm,
+    recurrent,
+    thirdparty,
+)
 
 __all__ = [
     "RULES",

@@ -1,9 +1,12 @@
-"""Convolutions. Per-sample weight gradients are an outer-product sum over positions of the output
-gradient and the unfolded (padded) input; for transposed convolutions, of the input and the unfolded
-output gradient. Three routes give their norms: the ghost norm, materialising by a batched product,
-or materialising by one grouped weight-gradient convolution that treats each sample as its own
-group; the fastest for a layer's geometry is measured once and remembered. Whatever the route, the
-factor offers its outer-product form, which K-FAC reads."""
+"""Convolutions (1-d, 2-d, 3-d; plain and transposed). Per-sample weight gradients are an outer-product
+sum over positions of the output gradient and the unfolded (padded) input; for transposed
+convolutions, of the input and the unfolded output gradient. Three routes give their norms: the ghost
+norm, materialising by a batched product, or materialising by one grouped weight-gradient convolution
+that treats each sample as its own group; the fastest for a layer's geometry is measured once and
+remembered, and the factor offers its outer-product form, which K-FAC reads. A grouped (depthwise)
+or 3-d convolution takes the grouped route only: each sample's channel groups become groups of the
+weight-gradient convolution (no outer-product form: K-FAC treats its weight like a layer without
+one)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.grad import conv1d_weight, conv2d_weight
+from torch.nn.grad import conv1d_weight, conv2d_weight, conv3d_weight
 from torch.nn.modules.conv import _ConvNd
 
 from fimcb.core.metric import Identity
@@ -139,17 +142,20 @@ def _options(module: _ConvNd, padded: bool) -> dict[str, tuple[int, ...]]:
     return {"stride": tuple(module.stride), "padding": padding, "dilation": tuple(module.dilation)}
 
 
+_WEIGHT_GRADS = {3: conv1d_weight, 4: conv2d_weight, 5: conv3d_weight}
+
+
 def _per_sample_weight_grads(
-    inputs: Tensor, grads: Tensor, weight_shape: tuple[int, ...], options: dict
+    inputs: Tensor, grads: Tensor, weight_shape: tuple[int, ...], options: dict, groups: int
 ) -> Tensor:
-    """``[B, *weight_shape]`` per-sample gradients of a groups=1 convolution from ``inputs`` to ``grads``."""
+    """``[B, *weight_shape]`` per-sample gradients of a convolution with ``groups`` channel groups from
+    ``inputs`` to ``grads``: one weight-gradient convolution whose groups are every sample's groups."""
     batch = inputs.shape[0]
-    weight_grad = conv2d_weight if inputs.ndim == 4 else conv1d_weight
-    stacked = weight_grad(
+    stacked = _WEIGHT_GRADS[inputs.ndim](
         inputs.reshape(1, -1, *inputs.shape[2:]),
         (batch * weight_shape[0], *weight_shape[1:]),
         grads.reshape(1, -1, *grads.shape[2:]),
-        groups=batch,
+        groups=batch * groups,
         **options,
     )
     return stacked.reshape(batch, *weight_shape)
@@ -208,6 +214,17 @@ def _weight_factor(
     batch, channels = side.shape[:2]
     if side.numel() == 0 or unfolded.numel() == 0:  # an empty feature map: the weight gets no gradient
         return Dense(side.new_zeros(batch, *module.weight.shape))
+    options = _options(module, padded)
+
+    def grouped(samples: slice) -> Tensor:
+        return _per_sample_weight_grads(
+            conv_input[samples], side[samples], tuple(module.weight.shape), options, module.groups
+        )
+
+    held = conv_input.numel() + side.numel()
+    blockwise = Blockwise(grouped, batch, module.weight.shape, held, side)
+    if module.groups > 1 or side.ndim == 5:  # no unfolding: channel groups, or a 3-d one
+        return blockwise
     rows = side.reshape(batch, channels, -1).transpose(1, 2)  # [B, positions, channels]
     positions, d_u = rows.shape[1], rows.shape[2]
     d_v = module.weight.numel() // d_u
@@ -222,20 +239,12 @@ def _weight_factor(
         str(module.padding),
         padded,
     )
-    options = _options(module, padded)
-
-    def grouped(samples: slice) -> Tensor:
-        return _per_sample_weight_grads(
-            conv_input[samples], side[samples], tuple(module.weight.shape), options
-        )
-
-    held = conv_input.numel() + side.numel()
 
     def make(route: ConvRoute) -> ConvFactor:
         return ConvFactor(
             rows,
             lambda samples: _unfold(unfolded[samples], module, padded),
-            Blockwise(grouped, batch, module.weight.shape, held, side),
+            blockwise,
             route,
             input_side,
             d_v,
@@ -258,12 +267,9 @@ def _bias(grad: Tensor) -> Factor:
     return BiasSum(grad.flatten(2).transpose(1, 2))  # [B, positions, channels]
 
 
-@register_rule(nn.Conv1d, nn.Conv2d)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     reads_outputs = False
-
-    def supports(self, module: _ConvNd) -> bool:
-        return module.groups == 1
 
     def factors(self, call: Call) -> dict[str, Factor]:
         module, grad = call.module, call.grads[0]
@@ -274,18 +280,16 @@ class ConvRule(Rule):
         return out
 
 
-@register_rule(nn.ConvTranspose2d)
+@register_rule(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 class ConvTransposeRule(Rule):
-    """``y = conv_transpose(a, W)`` is the adjoint of ``conv(·, W)``: its weight gradient is that of a
-    convolution from the output gradient to the input."""
+    """``y = conv_transpose(a, W)`` is the adjoint of ``conv(·, W)`` (group by group): its weight gradient
+    is that of a convolution from the output gradient to the input."""
 
     reads_outputs = False
 
     def supports(self, module: _ConvNd) -> bool:
-        return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
-            and all(o < s for o, s in zip(module.output_padding, module.stride, strict=True))
+        return module.padding_mode == "zeros" and all(
+            o < s for o, s in zip(module.output_padding, module.stride, strict=True)
         )
 
     def factors(self, call: Call) -> dict[str, Factor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fimcb.engine.factors import BiasSum, Factor, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
@@ -23,7 +24,7 @@ def linear_factors(inputs: Tensor, grad: Tensor, weight: str | None, bias: str |
     return out
 
 
-@register_rule(nn.Linear)
+@register_rule(nn.Linear, NonDynamicallyQuantizableLinear)  # the latter: attention's output projection
 class LinearRule(Rule):
     reads_outputs = False
 

@@ -1,8 +1,9 @@
 """Affine parameters of normalisation layers: ``∇γ = Σ x̂ ⊙ b`` and ``∇β = Σ b`` over positions.
 
-Only per-sample normalisations qualify: LayerNorm, GroupNorm, and BatchNorm in eval mode with
-running statistics. BatchNorm that normalises with batch statistics couples the samples, so a
-per-sample gradient does not exist: it is refused with an error.
+Only per-sample normalisations qualify: LayerNorm, GroupNorm, InstanceNorm (its statistics are each
+sample's own, or the running ones), and BatchNorm in eval mode with running statistics. BatchNorm
+that normalises with batch statistics couples the samples, so a per-sample gradient does not exist:
+it is refused with an error.
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ class GroupNormRule(Rule):
         return _affine(module, x_hat, grad, (1,))
 
 
+def _running_normalised(module: nn.modules.batchnorm._NormBase, x: Tensor) -> Tensor:
+    """``x`` normalised per channel by the module's running statistics."""
+    assert module.running_mean is not None and module.running_var is not None
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
+    return (x - mean) * torch.rsqrt(var + module.eps)
+
+
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
     reads_outputs = False
@@ -58,9 +67,22 @@ class BatchNormRule(Rule):
     def factors(self, call: Call) -> dict[str, Factor]:
         module, grad, x = call.module, call.grads[0], call.args[0]
         check_batchnorm(module)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean, var = module.running_mean.reshape(shape), module.running_var.reshape(shape)
-        x_hat = (x - mean) * torch.rsqrt(var + module.eps)
+        return _affine(module, _running_normalised(module, x), grad, (1,))
+
+
+@register_rule(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+class InstanceNormRule(Rule):
+    """Each sample's statistics per channel (in training mode, or without running statistics), else the
+    running ones, as ``F.instance_norm`` chooses."""
+
+    reads_outputs = False
+
+    def factors(self, call: Call) -> dict[str, Factor]:
+        module, grad, x = call.module, call.grads[0], call.args[0]
+        if module.training or not module.track_running_stats:
+            x_hat = F.instance_norm(x, eps=module.eps)
+        else:
+            x_hat = _running_normalised(module, x)
         return _affine(module, x_hat, grad, (1,))
 
 
