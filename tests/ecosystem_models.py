@@ -230,7 +230,8 @@ class UNet(nn.Module):
 
 
 class ZukoFlow(nn.Module):
-    """zuko MAF or NSF (masked linear layers of the autoregressive hyper-networks)."""
+    """zuko MAF or NSF (masked linear layers of the autoregressive hyper-networks) or RealNVP (zuko's
+    linear layers in the coupling hyper-networks)."""
 
     def __init__(
         self, kind: str = "MAF", features: int = 4, hidden: tuple[int, ...] = (16, 16), transforms: int = 2
@@ -372,6 +373,13 @@ LIBRARIES: dict[str, Case] = {
         lambda: ZukoFlow("NSF"),
         lambda dt: _normal(6, 4, dtype=dt),
         lambda: ZukoFlow("NSF", 16, (64, 64), 3),
+        lambda dt: _normal(64, 16, dtype=dt),
+        library="zuko",
+    ),
+    "zuko_realnvp": Case(
+        lambda: ZukoFlow("RealNVP"),
+        lambda dt: _normal(6, 4, dtype=dt),
+        lambda: ZukoFlow("RealNVP", 16, (64, 64), 3),
         lambda dt: _normal(64, 16, dtype=dt),
         library="zuko",
     ),

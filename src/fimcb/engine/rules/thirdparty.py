@@ -1,7 +1,8 @@
 """Rules for layers of the field's libraries, registered by qualified class name so that fimcb imports
 none of them: Hugging Face transformers (GPT-2's ``Conv1D``, Llama-style RMS norms) and zuko (the
-masked linear layers of MAF and NSF). diffusers' ``UNet2DModel`` is built from torch layers
-(Conv2d, Linear, GroupNorm; its attention holds no parameters of its own) and needs no rule here."""
+masked linear layers of MAF and NSF, the linear layers of its coupling flows' hyper-networks).
+diffusers' ``UNet2DModel`` is built from torch layers (Conv2d, Linear, GroupNorm; its attention holds
+no parameters of its own) and needs no rule here."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from fimcb.engine.factors import BiasSum, Dense, Factor, Masked, OuterSum
 from fimcb.engine.rules import Call, Rule, register_rule
-from fimcb.engine.rules.linear import linear_factors
+from fimcb.engine.rules.linear import LinearRule, linear_factors
 
 
 @register_rule("transformers.pytorch_utils.Conv1D")
@@ -31,6 +32,15 @@ class HFConv1DRule(Rule):
         if getattr(call.module, "bias", None) is not None:
             out["bias"] = BiasSum(g)
         return out
+
+
+@register_rule("zuko.nn.Linear")
+class ZukoLinearRule(LinearRule):
+    """zuko's own linear layer (the hyper-networks of its coupling flows): ``nn.Linear``'s map unless it
+    holds a stack of operators (a 3-d weight), which is left to the op rules."""
+
+    def supports(self, module: Any) -> bool:
+        return module.weight.ndim == 2
 
 
 @register_rule("zuko.nn.MaskedLinear")
