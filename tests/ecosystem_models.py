@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -157,6 +158,24 @@ class TorchTransformer(nn.Module):
         h = self.tok(inputs) + self.pos(torch.arange(length, device=tokens.device))
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device, dtype=h.dtype)
         return _log_softmax_tokens(self.head(self.encoder(h, mask=mask, is_causal=True)), tokens[:, 1:])
+
+
+class SeparableConvModel(nn.Module):
+    """Depthwise-separable convolutions (a depthwise ``groups=C`` 5x5, an instance norm, a pointwise 1x1),
+    as in MobileNet and ConvNeXt blocks, in a Gaussian image model."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, channels, 3, padding=1)
+        self.depthwise = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
+        self.norm = nn.InstanceNorm2d(channels, affine=True)
+        self.pointwise = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, 1, 3, padding=1)
+
+    def log_likelihood(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        h = h + self.pointwise(F.gelu(self.norm(self.depthwise(h))))
+        return -0.5 * (x - self.out(h)).pow(2).flatten(1).sum(1)
 
 
 class RecurrentDensity(nn.Module):
@@ -340,6 +359,12 @@ PATTERNS: dict[str, Case] = {
         lambda: TorchTransformer(256, 128, 2, 4, 128),
         lambda dt: _tokens(256, 65, 32),
     ),
+    "separable_conv": Case(
+        SeparableConvModel,
+        lambda dt: _normal(6, 1, 6, 6, dtype=dt),
+        lambda: SeparableConvModel(32),
+        lambda dt: _normal(64, 1, 28, 28, dtype=dt),
+    ),
     "recurrent_density": Case(
         RecurrentDensity,
         lambda dt: _normal(6, 5, 3, dtype=dt),
@@ -415,9 +440,9 @@ def _p(*shape: int) -> nn.Parameter:
 
 
 def idioms() -> dict[str, tuple[nn.Module, Tensor]]:
-    """Layers without a rule of ours and parameters used through torch functions, with a batch each."""
+    """More layers (some served by rules, such as attention and 3-d convolutions, others without one) and
+    parameters used through torch functions, with a batch each."""
     torch.manual_seed(0)
-    F = torch.nn.functional
     sequence, vector = torch.randn(5, 3, 4), torch.randn(5, 4)
     encoder = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
     return {
