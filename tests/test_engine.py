@@ -209,6 +209,39 @@ def test_instance_norm_is_served_by_its_rule(dims: int, running: bool) -> None:
     assert describe_routes(model) == f"rule: Conv{dims}d(2), InstanceNorm{dims}d(2)"
 
 
+class _RampTokens(nn.Module):
+    """Positions embedded on ``arange(T)`` by a module, and a ramp ``arange(T) ⊗ w`` from a constant and a
+    parameter: constants of ``T`` rows, which shapes alone take for per-sample rows where ``T`` is a
+    multiple of the batch size."""
+
+    def __init__(self, vocab: int = 9, dim: int = 4, max_len: int = 16) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.w = nn.Parameter(0.1 * torch.randn(dim))
+        self.head = nn.Linear(dim, vocab)
+
+    def log_likelihood(self, tokens: torch.Tensor) -> torch.Tensor:
+        inputs = tokens[:, :-1]
+        steps = torch.arange(inputs.shape[1])
+        ramp = steps[:, None].to(self.w.dtype) * self.w
+        h = torch.tanh(self.tok(inputs) + self.pos(steps) + ramp)
+        return torch.log_softmax(self.head(h), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1).sum(1)
+
+
+def test_constants_whose_rows_match_a_later_batch_are_not_taken_for_samples() -> None:
+    """Checked on a batch of 6 with 8 positions, then batches of 4, 8 and 2 (8 positions a multiple of
+    each): every batch is exact, the plan's shape-based tracking corrected by what the checked batch
+    found by data flow (with 8 = B, only a backward check can tell; it falls back, exactly)."""
+    torch.manual_seed(0)
+    model = _RampTokens().double().eval()
+    for batch in (6, 6, 6, 4, 4, 8, 8, 2, 16, 6):
+        x = torch.randint(0, 9, (batch, 9))
+        want, _ = naive_layer_norms(model, x)
+        got = per_sample_layer_norms(model, x, engine="hooks").values
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_auto_falls_back_to_loop_when_vmap_fails(caplog: pytest.LogCaptureFixture) -> None:
     """Data-dependent control flow per sample: the self-check refuses the hooks routes, ``vmap`` cannot run
     the model, so a per-sample loop serves its parameters (also on later batches)."""

@@ -106,6 +106,10 @@ class _Plan:
     stream: bool = True  # whether later batches reduce layers during the backward (:class:`_Stream`)
     asked: frozenset[nn.Module] | None = None  # streamed layers autograd must be asked for (a walk finds)
     unstreamed: set[nn.Module] = field(default_factory=set)  # layers whose reduction failed in the backward
+    # Per module, which outputs of each of its calls (in order) the last checked, fully tracked batch
+    # found shared by all samples: by data flow, where later batches see shapes (`_Forward._as_checked`).
+    sharing: dict[nn.Module, list[tuple[bool, ...]]] = field(default_factory=dict)
+    ops: list[tuple[Any, ...]] | None = None  # and the operations it met on parameters (`_op_signature`)
 
     @staticmethod
     def build(model: nn.Module, params: dict[str, nn.Parameter], key: tuple[int, ...]) -> _Plan:
@@ -282,6 +286,8 @@ class _Forward:
         )
         self.calls: list[_ModuleCall] = []
         self._zeros: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self.recording = plan.tracking is Tracking.FULL and not plan.verified  # what the plan checks against
+        self.sharing: dict[nn.Module, list[tuple[bool, ...]]] = {}
         # what a call needs of this pass, without a reference back to it (no cycle keeps tensors alive)
         self.input_rows = functools.partial(_input_rows, self.state, batch, tracked)
         if tracked:
@@ -370,6 +376,7 @@ class _Forward:
         reads = self.plan.rules[module].reads_outputs
         expanded = False
         if not self.tracked and all(t.ndim and t.shape[0] == batch for t in outputs):  # the common case
+            self._as_checked(module, [1] * len(outputs), [False] * len(outputs))
             positions = _positions(output, outputs)
             edges, safe = zip(*(_edge(t) for t in outputs), strict=True)
             protect = reads or not all(safe)
@@ -394,11 +401,14 @@ class _Forward:
             return self._copies(output, outputs) if protect and self.plan.copy_outputs else None
         if self.tracked:
             from_data = any(state.kind(t) is Kind.BATCHED for t in tensors_in((args, kwargs)))
-            rows = [self._output_rows(t, from_data) for t in outputs]
+            rows = self._as_checked(
+                module, [self._output_rows(t, from_data) for t in outputs], [False] * len(outputs)
+            )
         else:
             expand = [t.ndim >= 1 and t.shape[0] == 1 != batch for t in outputs]
             if not all(e or (t.ndim and t.shape[0] == batch) for t, e in zip(outputs, expand, strict=True)):
                 raise _Replan(f"{type(module).__name__} returned an output without the batch dimension")
+            self._as_checked(module, [1] * len(outputs), expand)
             expanded = any(expand)
             if expanded:  # called once for the batch: continue with its output repeated for every sample
                 output, outputs = _expand_outputs(output, outputs, batch)
@@ -442,6 +452,29 @@ class _Forward:
         if not (self.plan.copy_outputs and (protect or None in rows)):
             return output if expanded or shared else None
         return self._copies(output, outputs)
+
+    def _as_checked(
+        self, module: nn.Module, rows: list[int | None], expanded: list[bool]
+    ) -> list[int | None]:
+        """A call's output rows as the checked, fully tracked batch found them by data flow. Later batches
+        judge by shapes, which take a module called on constants (positions ``arange(T)``) for a batched
+        call when ``T`` is a multiple of the batch size: such an output is shared where the tracker can
+        serve it, else the batch is captured with more tracking; a call unlike the checked ones, too."""
+        shared = tuple(r is None or e for r, e in zip(rows, expanded, strict=True))
+        calls = self.sharing.setdefault(module, [])
+        calls.append(shared)
+        if self.recording or self.batch == 1:  # one sample: what is shared is its own
+            return rows
+        known = self.plan.sharing.get(module, [])
+        checked = known[len(calls) - 1] if len(calls) <= len(known) else None
+        if checked == shared:
+            return rows
+        name = type(module).__name__
+        if checked is None or len(checked) != len(shared):
+            raise _Replan(f"{name} was called otherwise than on the checked batch")
+        if not self.tracked or any(s and not c for s, c in zip(shared, checked, strict=True)):
+            raise _Replan(f"{name}'s outputs are not shared by the samples as on the checked batch")
+        return [None if c else r for r, c in zip(rows, checked, strict=True)]
 
     def _stand_in(self, t: Tensor) -> Tensor:
         """A zero-stride tensor shaped like ``t``, of its dtype and device, holding no memory of ``t``'s."""
@@ -712,6 +745,15 @@ def _capture(
     if any(t._version != v for t, v in state.versions):
         raise _InPlace
     state.versions.clear()  # checked: the captured outputs may go as soon as the backward has used them
+    signature = [_op_signature(op) for op, _ in state.ops]
+    if (
+        forward.tracked
+        and not forward.recording
+        and batch > 1
+        and plan.ops is not None
+        and signature != plan.ops
+    ):
+        raise _Replan("operations on parameters met per-sample operands unlike on the checked batch")
     total = ll.sum()
     stream = (
         _Stream(forward, reduce)
@@ -773,6 +815,8 @@ def _capture(
     factors = {n: Factor.combine(found[n]) if found[n] else _zeros(params[n], batch) for n in served}
     if verify:
         failed.update(_verify(request, factors, grads[len(op_targets) :], x, ll))
+    if forward.recording:
+        plan.sharing, plan.ops = forward.sharing, signature
     if failed and plan.tracking is not Tracking.FULL:
         raise _Replan(
             f"without the tracker, {', '.join(f'{n} ({why})' for n, why in list(failed.items())[:3])}"
@@ -801,6 +845,14 @@ def _detached(t: Any) -> Any:
     if isinstance(t, list | tuple | dict):
         return tree_map(lambda leaf: leaf.detach() if isinstance(leaf, Tensor) else leaf, t)
     return t
+
+
+def _op_signature(op: OpCall) -> tuple[Any, ...]:
+    """What the tracker made of an operation: the function, its weight-like operands and the rows per sample
+    of its per-sample ones. Shapes alone (light tracking, and constants of exactly ``B`` rows) can take a
+    constant of ``k·B`` rows for a per-sample operand, which only this comparison with the checked batch,
+    tracked by data flow, reveals."""
+    return op.func, tuple(sorted(op.weights)), tuple(sorted(op.batched.items()))
 
 
 def _unit_leading(t: Tensor) -> bool:
